@@ -1,0 +1,87 @@
+"""Local-folder backend: the embedded default (plain paths and ``file://`` URIs)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from mediator_ray.errors import ObjectNotFoundError, StorageError
+from mediator_ray.storage.base import IOStats, ObjectStore, StorageOptions
+
+
+class LocalStore(ObjectStore):
+    """Objects are files below a root folder; writes go through a temp file and a rename."""
+
+    def __init__(self, uri: str, options: StorageOptions | None = None, stats: IOStats | None = None):
+        super().__init__(uri, options, stats)
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
+        self.root = Path(path).expanduser().absolute()
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in Path(key).parts:
+            raise StorageError(f"{self.uri}: key {key!r} escapes the store root")
+        return self.root / key if key else self.root
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{path}: no such file") from None
+        if not path.is_file():
+            raise ObjectNotFoundError(f"{path}: not a file")
+        return stat.st_size
+
+    def _get(self, key: str, start: int, end: int) -> bytes:
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{path}: no such file") from None
+        try:
+            chunks = []
+            offset = start
+            while offset < end:
+                chunk = os.pread(fd, end - offset, offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset += len(chunk)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _, filenames in os.walk(base):
+            for name in filenames:
+                if name.startswith(".tmp-"):
+                    continue  # an in-flight write of another process
+                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def _put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def child(self, prefix: str) -> LocalStore:
+        return LocalStore(str(self._path(prefix.strip("/"))), self.options, self.stats)
