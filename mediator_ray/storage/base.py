@@ -117,7 +117,9 @@ def plan_fetches(ranges: Iterable[ByteRange], coalesce_gap: int, part_size: int)
 class ObjectStore(ABC):
     """A folder of objects with ranged reads; see the module docstring."""
 
-    def __init__(self, uri: str, options: StorageOptions | None = None, stats: IOStats | None = None):
+    def __init__(
+        self, uri: str, options: StorageOptions | None = None, stats: IOStats | None = None
+    ):
         self.uri = uri.rstrip("/")
         self.options = options or StorageOptions()
         self.stats = stats if stats is not None else IOStats()

@@ -13,7 +13,9 @@ from mediator_ray.storage.base import IOStats, ObjectStore, StorageOptions
 class LocalStore(ObjectStore):
     """Objects are files below a root folder; writes go through a temp file and a rename."""
 
-    def __init__(self, uri: str, options: StorageOptions | None = None, stats: IOStats | None = None):
+    def __init__(
+        self, uri: str, options: StorageOptions | None = None, stats: IOStats | None = None
+    ):
         super().__init__(uri, options, stats)
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         self.root = Path(path).expanduser().absolute()

@@ -53,7 +53,9 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 class S3Store(ObjectStore):
     """Objects below ``s3://bucket/prefix``. The boto3 client is built lazily per process."""
 
-    def __init__(self, uri: str, options: StorageOptions | None = None, stats: IOStats | None = None):
+    def __init__(
+        self, uri: str, options: StorageOptions | None = None, stats: IOStats | None = None
+    ):
         super().__init__(uri, options, stats)
         self.bucket, self.prefix = split_s3_uri(self.uri)
         self._client: Any = None
@@ -151,7 +153,7 @@ class S3Store(ObjectStore):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for item in page.get("Contents", []):
                     k = item["Key"]
-                    # ``Prefix`` is a string prefix: "a/b" also matches "a/bc"; keep folder semantics.
+                    # S3 prefixes are strings ("a/b" matches "a/bc"); keep folder semantics.
                     if prefix and not (k == full or k.startswith(full.rstrip("/") + "/")):
                         continue
                     keys.append(k[strip:])

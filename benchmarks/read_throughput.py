@@ -1,0 +1,134 @@
+"""Read throughput of our ranged safetensors reader vs boto3's own ``download_file``.
+
+Reads a whole real checkpoint (SmolLM2-135M, bf16) tensor by tensor through
+``read_tensors`` — from local disk and from a moto S3 server on 127.0.0.1 — and, in the same
+run, the same objects with the reference path (a plain file read locally; boto3
+``download_file`` from S3). Prints MB/s medians and the ratio ours / reference.
+
+    python benchmarks/read_throughput.py [--repeats 5] [--per layer|tensor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import boto3
+
+from mediator_ray.checkpoint import open_checkpoint, read_tensors
+from mediator_ray.storage import StorageOptions, open_store
+from mediator_ray.testing.smollm2 import smollm2_checkpoint
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def timed(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
+    """Median seconds of ``fn`` over ``repeats`` runs, and the bytes it reported."""
+    times, nbytes = [], 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        nbytes = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), nbytes
+
+
+def read_checkpoint_with_our_reader(uri: str, per: str, options: StorageOptions) -> int:
+    catalog = open_checkpoint(uri, options)
+    total = 0
+    if per == "tensor":
+        groups = [[ref] for ref in catalog.tensors.values()]
+    else:
+        groups = [catalog.refs(layer) for layer in catalog.layers]
+    for refs in groups:
+        tensors = read_tensors(catalog.store, refs)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    return total
+
+
+def read_files_plainly(folder: Path, files: list[str]) -> int:
+    total = 0
+    for name in files:
+        total += len((folder / name).read_bytes())
+    return total
+
+
+def download_with_boto3(bucket: str, prefix: str, files: list[str], endpoint: str) -> int:
+    client = boto3.client("s3", endpoint_url=endpoint)
+    total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in files:
+            target = os.path.join(tmp, name)
+            client.download_file(bucket, f"{prefix}/{name}", target)
+            total += os.path.getsize(target)
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--per", choices=["layer", "tensor"], default="tensor")
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+
+    folder = smollm2_checkpoint(CACHE, "bfloat16")
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    options = StorageOptions(concurrency=args.concurrency)
+
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        s3_options = options.model_copy(update={"endpoint_url": endpoint})
+        s3 = open_store("s3://bench/smollm2", s3_options)
+        local = open_store(str(folder))
+        for key in local.list():
+            s3.write(key, local.read(key))
+
+        rows = []
+        t, n = timed(
+            lambda: read_checkpoint_with_our_reader(str(folder), args.per, options), args.repeats
+        )
+        t_ref, n_ref = timed(lambda: read_files_plainly(folder, files), args.repeats)
+        rows.append(("local", n / t, n_ref / t_ref, "plain file read"))
+        t, n = timed(
+            lambda: read_checkpoint_with_our_reader("s3://bench/smollm2", args.per, s3_options),
+            args.repeats,
+        )
+        t_ref, n_ref = timed(
+            lambda: download_with_boto3("bench", "smollm2", files, endpoint), args.repeats
+        )
+        rows.append(("s3 (moto)", n / t, n_ref / t_ref, "boto3 download_file"))
+    finally:
+        server.stop()
+
+    mb = 1e6
+    print(
+        f"checkpoint: {folder.name}, {len(files)} file(s), per={args.per}, "
+        f"repeats={args.repeats}, concurrency={args.concurrency}"
+    )
+    print(f"{'source':<10} {'ours MB/s':>10} {'reference MB/s':>15} {'ratio':>6}  reference")
+    for source, ours, ref, ref_name in rows:
+        print(f"{source:<10} {ours / mb:>10.1f} {ref / mb:>15.1f} {ours / ref:>6.2f}  {ref_name}")
+
+
+if __name__ == "__main__":
+    main()

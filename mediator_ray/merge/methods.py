@@ -1,0 +1,355 @@
+"""Baseline merge methods with mergekit 0.1.5's definitions: linear, task arithmetic, TIES, DARE.
+
+The same functions merge the *averaged* layers of a Mediator checkpoint and produce the
+standalone baselines, so they must agree with mergekit number for number. What is reproduced
+(see ``mergekit/merge_methods/{linear,generalized_task_arithmetic,registry}.py`` and
+``mergekit/sparsify.py``):
+
+- ``linear``: Σ w_i θ_i / Σ w_i (``normalize`` default true; without it Σ w_i θ_i). mergekit's
+  linear ignores the *role* of ``base_model`` but, when a base model is configured and not listed
+  among ``models``, appends it as one more weighted input; here that is ``base_weight`` (None:
+  the base is not an input, as in a config without ``base_model``).
+- ``task_arithmetic`` / ``ties`` / ``dare_ties`` / ``dare_linear`` (mergekit's generalized task
+  arithmetic): δ_i = θ_i − θ0, sparsified per expert (ties: magnitude top-k with
+  k = max(1, int(density·numel)); dare: Bernoulli(density) mask), optionally L1-rescaled
+  (``rescale``; mergekit rescales DARE so the masked delta keeps the L1 norm of the unmasked
+  one, *not* by 1/(1−p)), multiplied by its weight; ties variants elect a sign per parameter with
+  the ``sum`` consensus (sign of Σ_i w_i δ_i, ties to +) and keep only agreeing entries; the
+  result Σ is divided by Σ w_i (over agreeing experts for ties, by 1 where that is 0; over all
+  experts otherwise, by 1 where |Σ w| < 1e-8) when ``normalize``, multiplied by ``lambda``, and
+  added to θ0. Per-method defaults as registered by mergekit: normalize true for ties, false for
+  task_arithmetic/dare_*; rescale true for dare_*, false otherwise.
+- The base model listed among a mergekit config's ``models`` is the base entry, not an expert:
+  its weight and density are never read and it contributes no delta. Callers therefore pass the
+  experts *without* the base.
+- ``int8_mask`` only changes the dtype of the sign mask in mergekit, never the result; it is
+  accepted for config compatibility and has no effect.
+
+Differences, all deliberate: computation is always float32 (mergekit computes in the loaded
+dtype, so compare against mergekit with ``dtype: float32``); the result is float32 (the caller
+casts); DARE masks come from a per-tensor generator seeded from (``seed``, tensor name) instead
+of the process-global RNG, so they are reproducible whichever worker computes a tensor and in
+which order — mergekit's whole-checkpoint DARE output depends on its execution order and cannot
+be reproduced bit for bit, only per tensor; linear with normalize and Σw = 0 raises instead of
+writing inf/NaN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mediator_ray.errors import ConfigError, IncompatibleCheckpointError
+from mediator_ray.merge.dtypes import COMPUTE_DTYPE
+
+MethodName = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
+METHOD_NAMES: tuple[str, ...] = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+# mergekit's sparsify.rescaled_masked_tensor tolerance for "norm is zero".
+_RESCALE_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class _TaskArithmeticSpec:
+    """One row of mergekit's registry for a generalized task arithmetic method."""
+
+    consensus: bool
+    sparsification: Literal["magnitude", "random"] | None
+    default_normalize: bool
+    default_rescale: bool
+
+
+_TASK_ARITHMETIC: dict[str, _TaskArithmeticSpec] = {
+    "task_arithmetic": _TaskArithmeticSpec(False, None, False, False),
+    "ties": _TaskArithmeticSpec(True, "magnitude", True, False),
+    "dare_ties": _TaskArithmeticSpec(True, "random", False, True),
+    "dare_linear": _TaskArithmeticSpec(False, "random", False, True),
+}
+
+
+class MethodOptions(BaseModel):
+    """Options of the baseline methods, named as in mergekit where mergekit has the option.
+
+    ``density`` and ``drop_rate`` reconcile our config with mergekit's single ``density``:
+    ``density`` is what TIES keeps (mergekit ``ties`` ``density``, default 0.2 here, mergekit's
+    own default 1.0 means "keep all"); ``drop_rate`` is what DARE drops, so mergekit
+    ``dare_*`` ``density`` = 1 − ``drop_rate`` (default 0.9 → 0.1). Each method reads only its
+    own field. Either may be one value for all experts or one per expert, like mergekit's
+    per-model parameters. ``normalize``/``rescale`` left as None take mergekit's default for the
+    method.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    weights: list[float] | None = None
+    lambda_: float = Field(1.0, alias="lambda")
+    density: Fraction | list[Fraction] = 0.2
+    drop_rate: Fraction | list[Fraction] = 0.9
+    normalize: bool | None = None
+    rescale: bool | None = None
+    int8_mask: bool = False
+    base_weight: float | None = None
+    seed: int = 0
+
+    def expert_weights(self, n: int) -> list[float]:
+        """w_i for n experts (all 1 when ``weights`` is unset)."""
+        if self.weights is None:
+            return [1.0] * n
+        if len(self.weights) != n:
+            raise ConfigError(f"weights: {len(self.weights)} values given for {n} experts")
+        return list(self.weights)
+
+    def keep_densities(self, method: str, n: int) -> list[float]:
+        """mergekit's ``density`` (fraction of delta entries kept) per expert for ``method``."""
+        spec = _task_arithmetic_spec(method)
+        if spec.sparsification == "magnitude":
+            return _per_expert(self.density, n, "density")
+        if spec.sparsification == "random":
+            # Rounded so drop_rate 0.9 gives exactly mergekit's density 0.1 (1 - 0.9 does not).
+            return [round(1.0 - p, 12) for p in _per_expert(self.drop_rate, n, "drop_rate")]
+        return [1.0] * n
+
+    def resolved_normalize(self, method: str) -> bool:
+        """``normalize``, or mergekit's default for ``method``."""
+        if self.normalize is not None:
+            return self.normalize
+        return True if method == "linear" else _task_arithmetic_spec(method).default_normalize
+
+    def resolved_rescale(self, method: str) -> bool:
+        """``rescale``, or mergekit's default for ``method`` (true for DARE only)."""
+        if self.rescale is not None:
+            return self.rescale
+        return _task_arithmetic_spec(method).default_rescale
+
+
+def _per_expert(value: float | list[float], n: int, field: str) -> list[float]:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ConfigError(f"{field}: {len(value)} values given for {n} experts")
+        return list(value)
+    return [value] * n
+
+
+def _task_arithmetic_spec(method: str) -> _TaskArithmeticSpec:
+    try:
+        return _TASK_ARITHMETIC[method]
+    except KeyError:
+        raise ConfigError(
+            f"method: unknown merge method {method!r}; expected one of {list(METHOD_NAMES)}"
+        ) from None
+
+
+def tensor_seed(seed: int, tensor_name: str) -> int:
+    """A 63-bit seed for one tensor, stable across processes, machines and Python versions.
+
+    blake2b rather than ``hash()``, which is salted per process.
+    """
+    digest = hashlib.blake2b(f"{seed}\x00{tensor_name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def tensor_generator(seed: int, tensor_name: str, device: torch.device) -> torch.Generator:
+    """A fresh generator on ``device`` seeded with :func:`tensor_seed`."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(tensor_seed(seed, tensor_name))
+    return generator
+
+
+def merge_tensor(
+    method: str,
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    options: MethodOptions,
+    *,
+    tensor_name: str,
+) -> torch.Tensor:
+    """Merge one tensor of the experts (the base excluded) into a float32 tensor.
+
+    Computes on ``base.device``. Non-floating tensors (integer buffers) are copied when every
+    input agrees, as mergekit does, and are an error otherwise.
+    """
+    if method not in METHOD_NAMES:
+        _task_arithmetic_spec(method)  # raises the ConfigError naming the method
+    _check_inputs(base, experts, tensor_name)
+    if not base.is_floating_point():
+        return _copy_agreed_buffer(base, experts, tensor_name)
+    device = base.device
+    base32 = base.to(dtype=COMPUTE_DTYPE)
+    experts32 = [e.to(device=device, dtype=COMPUTE_DTYPE) for e in experts]
+    if method == "linear":
+        return _linear(base32, experts32, options, tensor_name)
+    return _task_arithmetic(method, base32, experts32, options, tensor_name)
+
+
+def merge_layer(
+    method: str,
+    base: Mapping[str, torch.Tensor],
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    options: MethodOptions,
+) -> dict[str, torch.Tensor]:
+    """:func:`merge_tensor` for every tensor of a layer, in the base's tensor order."""
+    return {
+        name: merge_tensor(method, tensor, [e[name] for e in experts], options, tensor_name=name)
+        for name, tensor in base.items()
+    }
+
+
+def _check_inputs(base: torch.Tensor, experts: Sequence[torch.Tensor], name: str) -> None:
+    for index, expert in enumerate(experts):
+        if expert.shape != base.shape:
+            raise IncompatibleCheckpointError(
+                f"{name}: expert {index} has shape {tuple(expert.shape)}, "
+                f"base has {tuple(base.shape)}"
+            )
+
+
+def _copy_agreed_buffer(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], name: str
+) -> torch.Tensor:
+    for index, expert in enumerate(experts):
+        if expert.dtype != base.dtype or not torch.equal(expert.to(base.device), base):
+            raise IncompatibleCheckpointError(
+                f"{name}: non-floating tensor differs between base and expert {index}"
+            )
+    return base.clone()
+
+
+def _linear(
+    base: torch.Tensor, experts: list[torch.Tensor], options: MethodOptions, name: str
+) -> torch.Tensor:
+    inputs = list(experts)
+    weights = options.expert_weights(len(experts))
+    if options.base_weight is not None:
+        # mergekit appends a configured base_model after the listed models.
+        inputs.append(base)
+        weights.append(options.base_weight)
+    if not inputs:
+        raise ConfigError(f"{name}: linear needs at least one expert or a base_weight")
+    coefficients = torch.tensor(weights, dtype=COMPUTE_DTYPE, device=base.device)
+    result = torch.zeros_like(base)
+    for tensor, coefficient in zip(inputs, coefficients.unbind(0), strict=True):
+        result.addcmul_(tensor, coefficient)
+    if options.resolved_normalize("linear"):
+        denominator = coefficients.sum()
+        if denominator == 0:
+            raise ConfigError(
+                f"{name}: linear with normalize needs weights that do not sum to 0 ({weights})"
+            )
+        result.div_(denominator)
+    return result
+
+
+def _task_arithmetic(
+    method: str,
+    base: torch.Tensor,
+    experts: list[torch.Tensor],
+    options: MethodOptions,
+    name: str,
+) -> torch.Tensor:
+    spec = _task_arithmetic_spec(method)
+    if not experts:
+        return base.clone()
+    n = len(experts)
+    weights = torch.tensor(options.expert_weights(n), dtype=COMPUTE_DTYPE, device=base.device)
+    densities = options.keep_densities(method, n)
+    rescale = options.resolved_rescale(method)
+    generator = (
+        tensor_generator(options.seed, name, base.device)
+        if spec.sparsification == "random"
+        else None
+    )
+
+    def weighted_delta(index: int) -> torch.Tensor:
+        delta = experts[index] - base
+        if spec.sparsification == "magnitude":
+            delta = magnitude_sparsify(delta, densities[index], rescale=rescale)
+        elif spec.sparsification == "random":
+            delta = bernoulli_sparsify(delta, densities[index], generator, rescale=rescale)
+        return delta.mul_(weights[index])
+
+    if spec.consensus:
+        mixed, divisor = _sign_consensus_sum([weighted_delta(i) for i in range(n)], weights)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = torch.zeros_like(base)
+        for index in range(n):
+            mixed.add_(weighted_delta(index))
+        divisor = weights.sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
+    if options.resolved_normalize(method):
+        mixed.div_(divisor)
+    if options.lambda_ != 1:
+        mixed.mul_(options.lambda_)
+    return base + mixed
+
+
+def _sign_consensus_sum(
+    deltas: list[torch.Tensor], weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES disjoint sum: keep entries whose sign matches sign(Σ δ) (ties to +).
+
+    Returns (Σ agreeing δ_i, Σ agreeing w_i); mergekit's ``get_mask(method="sum")``
+    accumulated expert by expert instead of over a stacked (N, …) mask.
+    """
+    total = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        total.add_(delta)
+    majority = (total >= 0).to(total.dtype).mul_(2).sub_(1)
+    mixed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for delta, weight in zip(deltas, weights.unbind(0), strict=True):
+        agree = delta.sign() == majority
+        mixed.add_(delta * agree)
+        divisor.add_(agree.to(total.dtype) * weight)
+    return mixed, divisor
+
+
+def magnitude_sparsify(tensor: torch.Tensor, density: float, *, rescale: bool) -> torch.Tensor:
+    """mergekit ``sparsify.magnitude``: keep the max(1, int(density·numel)) largest |entries|.
+
+    ``torch.argsort`` as in mergekit, so equal magnitudes at the cut are resolved the same way.
+    """
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor)
+    k = max(1, int(density * tensor.numel()))
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    order = torch.argsort(tensor.abs().reshape(-1), descending=True)
+    mask[order[:k]] = 1
+    return _rescaled_masked(tensor, mask.reshape_as(tensor), rescale)
+
+
+def bernoulli_sparsify(
+    tensor: torch.Tensor,
+    density: float,
+    generator: torch.Generator | None,
+    *,
+    rescale: bool,
+) -> torch.Tensor:
+    """mergekit ``sparsify.bernoulli`` (DARE): keep each entry with probability ``density``."""
+    if density >= 1:
+        return tensor
+    probabilities = torch.full_like(tensor, fill_value=density)
+    mask = torch.bernoulli(probabilities, generator=generator)
+    return _rescaled_masked(tensor, mask, rescale)
+
+
+def _rescaled_masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """mergekit ``rescaled_masked_tensor`` with the L1 norm (the one its methods use)."""
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return masked
+    return masked * (before / after)
