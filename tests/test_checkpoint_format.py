@@ -62,7 +62,19 @@ def mixed_file(tmp_path: Path) -> tuple[LocalStore, dict[str, torch.Tensor]]:
 
 
 def test_dtype_table_covers_the_spec_codes() -> None:
-    assert set(DTYPES) == {"F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+    assert set(DTYPES) == {
+        "F32",
+        "F16",
+        "BF16",
+        "F64",
+        "I64",
+        "I32",
+        "I16",
+        "I8",
+        "U8",
+        "U16",
+        "BOOL",
+    }  # U16: sparse-expert columns
 
 
 def test_reader_matches_safetensors_exactly(mixed_file, tmp_path: Path) -> None:

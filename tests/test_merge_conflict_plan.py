@@ -81,7 +81,6 @@ def test_orthogonal_task_vectors_deviation_is_n_minus_1_over_n(n):
 
 def test_sign_and_cosine_on_hand_built_cases():
     base = {"w": torch.zeros(4)}
-    # Elected signs: +, +(tie), -, +. Disagreeing mass: 1 (p0) + 2 (p1, both) ... see below.
     experts = [
         {"w": torch.tensor([3.0, 2.0, 1.0, 0.0])},
         {"w": torch.tensor([-1.0, -2.0, -4.0, 5.0])},
@@ -94,7 +93,8 @@ def test_sign_and_cosine_on_hand_built_cases():
     dot = 3 * -1 + 2 * -2 + 1 * -4 + 0
     cos = dot / (math.sqrt(14) * math.sqrt(46))
     assert conflict.cosine == pytest.approx(1 - cos)
-    # Opposed vectors: cosine conflict 2, deviation (N-1)/N... and beyond: exactly opposed → 1.
+    # Exactly opposed vectors: cosine conflict 2, deviation 1 (past the orthogonal (N-1)/N),
+    # and every coordinate a tie elected +, so half the mass disagrees.
     opposed = layer_conflict(base, [{"w": torch.ones(4)}, {"w": -torch.ones(4)}])
     assert opposed.cosine == pytest.approx(2.0)
     assert opposed.deviation == pytest.approx(1.0)
@@ -279,3 +279,5 @@ def test_plan_rejects_bad_layers():
         make_plan([LayerInfo("a", "block", 1.0), LayerInfo("a", "block", 2.0)], PlanOptions())
     with pytest.raises(ValueError, match="non-finite"):
         make_plan([LayerInfo("a", "block", math.nan)], PlanOptions())
+    with pytest.raises(ValueError, match="kind"):
+        make_plan([LayerInfo("a", "blk", 1.0)], PlanOptions())  # type: ignore[arg-type]

@@ -181,6 +181,8 @@ def test_option_defaults_follow_mergekit_registry():
     assert options.keep_densities("ties", 2) == [0.2, 0.2]
     assert options.keep_densities("dare_ties", 2) == [0.1, 0.1]  # exactly 1 - 0.9
     assert options.keep_densities("task_arithmetic", 1) == [1.0]
+    assert options.keep_densities("linear", 1) == [1.0]
+    assert options.resolved_rescale("linear") is False
     assert MethodOptions.model_validate({"lambda": 0.5}).lambda_ == 0.5
 
 

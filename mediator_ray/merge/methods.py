@@ -120,7 +120,7 @@ class MethodOptions(BaseModel):
         """``normalize``, or mergekit's default for ``method``."""
         if self.normalize is not None:
             return self.normalize
-        return True if method == "linear" else _task_arithmetic_spec(method).default_normalize
+        return _task_arithmetic_spec(method).default_normalize
 
     def resolved_rescale(self, method: str) -> bool:
         """``rescale``, or mergekit's default for ``method`` (true for DARE only)."""
@@ -137,13 +137,21 @@ def _per_expert(value: float | list[float], n: int, field: str) -> list[float]:
     return [value] * n
 
 
-def _task_arithmetic_spec(method: str) -> _TaskArithmeticSpec:
-    try:
-        return _TASK_ARITHMETIC[method]
-    except KeyError:
+def _check_method(method: str) -> None:
+    if method not in METHOD_NAMES:
         raise ConfigError(
             f"method: unknown merge method {method!r}; expected one of {list(METHOD_NAMES)}"
-        ) from None
+        )
+
+
+# linear is not task arithmetic, but answers the same questions: no sparsification, normalize.
+_LINEAR_DEFAULTS = _TaskArithmeticSpec(False, None, True, False)
+
+
+def _task_arithmetic_spec(method: str) -> _TaskArithmeticSpec:
+    """mergekit's registry row for ``method`` (linear's defaults for linear)."""
+    _check_method(method)
+    return _LINEAR_DEFAULTS if method == "linear" else _TASK_ARITHMETIC[method]
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -175,8 +183,7 @@ def merge_tensor(
     Computes on ``base.device``. Non-floating tensors (integer buffers) are copied when every
     input agrees, as mergekit does, and are an error otherwise.
     """
-    if method not in METHOD_NAMES:
-        _task_arithmetic_spec(method)  # raises the ConfigError naming the method
+    _check_method(method)
     _check_inputs(base, experts, tensor_name)
     if not base.is_floating_point():
         return _copy_agreed_buffer(base, experts, tensor_name)

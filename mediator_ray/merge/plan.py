@@ -22,7 +22,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -201,7 +201,10 @@ def make_plan(layers: Sequence[LayerInfo], options: PlanOptions) -> LayerPlan:
 
 def _validate_layers(layers: Sequence[LayerInfo]) -> None:
     seen: set[str] = set()
+    kinds = set(get_args(LayerKind))
     for layer in layers:
+        if layer.kind not in kinds:
+            raise ValueError(f"layer {layer.name!r} has kind {layer.kind!r}; expected {kinds}")
         if layer.name in seen:
             raise ValueError(f"layer {layer.name!r} appears twice")
         seen.add(layer.name)

@@ -72,7 +72,11 @@ class SparseEntries:
 
 
 def keep_count(numel: int, density: float) -> int:
-    """Entries kept per tensor: ceil(d·numel), ignoring float noise like 0.1·30 = 3.0000000004."""
+    """Entries kept per tensor: ceil(d·numel), at least 1 when d > 0 and the tensor is non-empty.
+
+    d·numel is rounded to 6 decimals before the ceil so float noise (0.1·30 =
+    3.0000000000000004) does not keep an extra entry.
+    """
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
     if density == 0.0 or numel == 0:

@@ -6,6 +6,7 @@ from mediator_ray.errors import StorageError
 from mediator_ray.storage.base import ByteRange, IOStats, ObjectStore, StorageOptions, plan_fetches
 from mediator_ray.storage.local import LocalStore
 from mediator_ray.storage.s3 import S3Store, split_s3_uri
+from mediator_ray.storage.transfer import copy_tree
 
 __all__ = [
     "ByteRange",
@@ -14,6 +15,7 @@ __all__ = [
     "ObjectStore",
     "S3Store",
     "StorageOptions",
+    "copy_tree",
     "open_store",
     "plan_fetches",
     "split_s3_uri",

