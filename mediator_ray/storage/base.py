@@ -25,7 +25,7 @@ from mediator_ray.errors import ObjectNotFoundError
 class StorageOptions(BaseModel):
     """Knobs shared by all backends; S3 fields fall back to the standard AWS environment."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)  # hashable: caches key on it
 
     concurrency: int = Field(16, ge=1, le=256, description="parallel GETs per read_many call")
     part_size: int = Field(

@@ -1,0 +1,69 @@
+"""The Ray tasks of a merge: thin wrappers that add resumability around :mod:`work`.
+
+``conflict_task`` fetches a layer once, scores it and hands the fetched bytes back as a second
+return value that stays in Ray's object store (spilling to disk when it is full) until the
+build pass consumes it — so each input byte is fetched from storage once per merge.
+``build_task`` merges or decomposes the layer and writes its shards straight to the output.
+Both record their result under ``_progress/`` before returning, so an interrupted job can
+resume from what the workers finished, whatever happened to the driver.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from mediator_ray.merge import LayerConflict
+from mediator_ray.pipeline.resume import ProgressLog
+from mediator_ray.pipeline.work import (
+    JobContext,
+    LayerInputs,
+    LayerResult,
+    LayerTask,
+    _store,
+    build_layer,
+    fetch_layer,
+    score_layer,
+)
+
+
+def _progress(ctx: JobContext) -> ProgressLog:
+    return ProgressLog(_store(ctx.output, ctx.storage))
+
+
+def conflict_task(
+    ctx: JobContext, task: LayerTask, fingerprint: str, keep_inputs: bool
+) -> tuple[tuple[LayerConflict, int], LayerInputs | None]:
+    """((conflict stats, bytes fetched), inputs to keep for the build pass or None)."""
+    inputs = fetch_layer(ctx, task)
+    conflict = score_layer(ctx, task, inputs)
+    _progress(ctx).save_conflict(task.layer.name, fingerprint, conflict)
+    return (conflict, inputs.bytes_fetched), (inputs if keep_inputs else None)
+
+
+def build_task(
+    ctx: JobContext,
+    task: LayerTask,
+    action: str,
+    fingerprint: str,
+    inputs: LayerInputs | None,
+) -> LayerResult:
+    """Build one layer unless a verified result of the same fingerprint already exists."""
+    progress = _progress(ctx)
+    done = progress.built(task.layer.name, fingerprint)
+    if done is not None:
+        return done
+    fetched_here = inputs is None
+    if inputs is None:
+        inputs = fetch_layer(ctx, task)
+    result = build_layer(ctx, task, action, inputs)
+    result.bytes_fetched = inputs.bytes_fetched if fetched_here else 0
+    progress.save_built(task.layer.name, fingerprint, result)
+    return result
+
+
+def remote_conflict_task(options: dict) -> ray.remote_function.RemoteFunction:
+    return ray.remote(num_returns=2, **options)(conflict_task)
+
+
+def remote_build_task(options: dict) -> ray.remote_function.RemoteFunction:
+    return ray.remote(**options)(build_task)
