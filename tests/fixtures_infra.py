@@ -1,20 +1,26 @@
 """Real infrastructure for tests: a moto S3 server and a local Ray cluster, both on 127.0.0.1.
 
-Environment is set at import time — before any Ray worker starts — so workers inherit the
-loopback-only settings and the S3 endpoint, exactly as a job's workers would inherit them
-from a cluster's environment.
+Environment is set at import time — before ``ray`` is imported (Ray reads
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at import, to decide whether 127.0.0.1 may stay
+127.0.0.1) and before any Ray worker starts — so workers inherit the loopback-only settings
+and the S3 endpoint, exactly as a job's workers would inherit them from a cluster's environment.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 from collections.abc import Iterator
 
+from typing import TYPE_CHECKING
+
 import boto3
 import pytest
-from ray.cluster_utils import Cluster
+
+if TYPE_CHECKING:  # ray is imported only after the environment below is set
+    from ray.cluster_utils import Cluster
 
 
 def free_port() -> int:
@@ -50,6 +56,7 @@ def s3_server() -> Iterator[str]:
     """A real S3 API (moto's ThreadedMotoServer) on 127.0.0.1; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
     try:
@@ -75,6 +82,7 @@ def ray_cluster() -> Iterator[Cluster]:
     are exercised in every Ray test, not just in a dedicated multi-node one.
     """
     import ray
+    from ray.cluster_utils import Cluster
 
     node = {"num_cpus": 1, "object_store_memory": 500_000_000, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})

@@ -197,3 +197,31 @@ def test_save_checkpoint_of_a_single_tensor(tmp_path: Path) -> None:
     assert (tmp_path / "_COMPLETE").exists()
     with pytest.raises(ValueError, match="no tensors"):
         save_checkpoint({}, LocalStore(str(tmp_path / "empty")))
+
+
+def test_serialization_is_deterministic_and_loads_with_safetensors() -> None:
+    """Same tensors and metadata → same bytes, whatever the insertion order (resume and
+    S3-vs-local equality compare bytes); the bytes are a valid safetensors file."""
+    tensors = {
+        "b.weight": torch.randn(3, 5, dtype=torch.bfloat16),
+        "a.bias": torch.arange(7, dtype=torch.float32),
+        "c.idx": torch.tensor([1, 65535], dtype=torch.uint16),
+        "d.empty": torch.zeros(0, 4),
+    }
+    one = serialize_tensors(tensors, {"layer": "block.1", "action": "route", "expert": "x"})
+    reordered = dict(reversed(list(tensors.items())))
+    two = serialize_tensors(reordered, {"expert": "x", "action": "route", "layer": "block.1"})
+    assert one == two
+    loaded = load(one)
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+    header_len = int.from_bytes(one[:8], "little")
+    header = json.loads(one[8 : 8 + header_len])
+    assert header_len % 8 == 0
+    assert header["__metadata__"] == {
+        "action": "route",
+        "expert": "x",
+        "format": "pt",
+        "layer": "block.1",
+    }

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_save
 
 from mediator_ray.checkpoint.catalog import CONFIG_FILE, INDEX_FILE, CheckpointCatalog
+from mediator_ray.checkpoint.safetensors_format import DTYPE_CODES
 from mediator_ray.errors import CheckpointFormatError, ObjectNotFoundError
 from mediator_ray.storage.base import ObjectStore
 
@@ -47,22 +49,36 @@ class ShardRecord:
 def serialize_tensors(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> bytes:
-    """One safetensors file as bytes; metadata carries ``format: pt`` (transformers needs it).
+    """One safetensors file as bytes, byte-for-byte deterministic.
 
-    Tensors are moved to CPU and made contiguous; tensors sharing storage (tied weights)
-    are copied, because safetensors refuses aliased tensors.
+    ``safetensors.torch.save`` writes ``__metadata__`` in hash-map order, which changes from
+    process to process; identical tensors must give identical bytes here (resume verifies
+    shards by sha256, and S3 and local outputs must match), so the header is written with
+    sorted keys and tensors laid out in name order. The layout is the safetensors spec's:
+    u64 header length, JSON header padded with spaces to 8 bytes, then the data; the result
+    loads with ``safetensors.torch.load``. Metadata carries ``format: pt`` (transformers needs
+    it). Tensors are moved to CPU and made contiguous.
     """
-    prepared: dict[str, torch.Tensor] = {}
-    seen_storage: set[int] = set()
-    for name, tensor in tensors.items():
-        t = tensor.detach().to("cpu").contiguous()
-        if t.numel():
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen_storage:
-                t = t.clone()
-            seen_storage.add(t.untyped_storage().data_ptr())
-        prepared[name] = t
-    return safetensors_save(prepared, metadata={"format": "pt", **(metadata or {})})
+    header: dict[str, Any] = {
+        "__metadata__": dict(sorted({"format": "pt", **(metadata or {})}.items()))
+    }
+    chunks: list[bytes | memoryview] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in DTYPE_CODES:
+            raise CheckpointFormatError(f"tensor {name!r}: dtype {t.dtype} cannot be written")
+        data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+        header[name] = {
+            "dtype": DTYPE_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    return b"".join([struct.pack("<Q", len(header_bytes)), header_bytes, *chunks])
 
 
 def _sha256(data: bytes | bytearray | memoryview) -> str:

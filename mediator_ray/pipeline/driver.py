@@ -232,6 +232,7 @@ def run_merge(
         run_bounded(tasks, submit_build, build_done, limit)
 
     # 4. Commit: indexes, config, report, then the manifest last.
+    bytes_fetched += sum(c.store.stats.bytes_read for c in catalogs.values())  # headers, configs
     manifest = _manifest(config, catalogs, tasks, plan, conflicts, results, bytes_fetched, started)
     extra: dict[str, bytes] = {"config.json": _output_config(base, config.dtype)}
     for expert in config.expert_names:
@@ -324,6 +325,7 @@ def _manifest(
                 },
                 "conflict": conflict.to_dict() if conflict else None,
                 "recon_errors": result.recon_errors,
+                "node_id": result.node_id,
             }
         )
     return {
@@ -353,7 +355,7 @@ def _manifest(
         },
         "stats": {
             "input_bytes": sum(c.total_bytes for c in catalogs.values()),
-            "bytes_fetched": bytes_fetched,
+            "bytes_fetched": bytes_fetched,  # headers and configs included
             "layers_resumed": sum(r.skipped for r in results.values()),
             "seconds": round(time.perf_counter() - started, 3),
         },

@@ -57,6 +57,7 @@ def build_task(
         inputs = fetch_layer(ctx, task)
     result = build_layer(ctx, task, action, inputs)
     result.bytes_fetched = inputs.bytes_fetched if fetched_here else 0
+    result.node_id = ray.get_runtime_context().get_node_id()
     progress.save_built(task.layer.name, fingerprint, result)
     return result
 

@@ -108,6 +108,7 @@ class LayerResult:
     bytes_fetched: int = 0  # by the build task itself (0 when inputs came from the cache)
     seconds: float = 0.0
     skipped: bool = False
+    node_id: str = ""  # the Ray node that built the layer
 
 
 @lru_cache(maxsize=64)
