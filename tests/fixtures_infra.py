@@ -13,7 +13,6 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
-
 from typing import TYPE_CHECKING
 
 import boto3
