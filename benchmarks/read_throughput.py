@@ -16,10 +16,11 @@ proportional to the range. Small-range modes are therefore pessimistic against m
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -85,6 +86,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"moto server did not start on 127.0.0.1:{port}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -98,17 +109,20 @@ def main() -> None:
     files = sorted(p.name for p in folder.glob("*.safetensors"))
     options = StorageOptions(concurrency=args.concurrency)
 
-    from moto.server import ThreadedMotoServer
-
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    # moto in its own process, as a real S3 endpoint would be: an in-process server would
+    # share the GIL with the clients being measured.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+        wait_for_port(port)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
         s3_options = options.model_copy(update={"endpoint_url": endpoint})
         s3 = open_store("s3://bench/smollm2", s3_options)
@@ -136,7 +150,8 @@ def main() -> None:
             )
             rows.append(("s3 (moto)", per, n / t, n_ref / t_ref, "boto3 download_file"))
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
 
     mb = 1e6
     print(

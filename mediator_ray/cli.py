@@ -6,6 +6,7 @@ Errors a user can cause are printed as one clear message (no traceback) with exi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,22 @@ from rich.console import Console
 from rich.table import Table
 
 from mediator_ray.errors import MediatorError
+
+
+def prefer_loopback_for_local_ray() -> None:
+    """Make a local Ray (no ``RAY_ADDRESS``) bind and advertise 127.0.0.1 only.
+
+    Ray otherwise advertises the machine's external address even for a single-node, local
+    instance. It reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when ``ray`` is imported,
+    so this runs at CLI import, before anything imports Ray. With ``RAY_ADDRESS`` set (a real
+    cluster, or ``ray job submit``) nothing changes: drivers there must advertise a reachable
+    address.
+    """
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+prefer_loopback_for_local_ray()
 
 app = typer.Typer(
     name="mediator-ray",
