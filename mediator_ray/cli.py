@@ -42,7 +42,7 @@ console = Console(stderr=True)
 
 
 def _fail(error: MediatorError) -> int:
-    console.print(f"[bold red]error:[/] {error}")
+    console.print(f"[bold red]error:[/] {error}", soft_wrap=True, highlight=False)
     return 2
 
 

@@ -19,7 +19,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from mediator_ray.checkpoint import CheckpointWriter, ShardRecord, TensorRef, read_tensors
+from mediator_ray.checkpoint import (
+    CheckpointCatalog,
+    CheckpointWriter,
+    ShardRecord,
+    TensorRef,
+    read_tensors,
+    shard_name,
+)
 from mediator_ray.checkpoint.layers import LayerGroup
 from mediator_ray.merge import (
     LayerConflict,
@@ -161,8 +168,7 @@ def sparse_file(expert: str, index: int) -> str:
 
 
 def dense_file(ctx: JobContext, index: int) -> str:
-    from mediator_ray.checkpoint import shard_name
-
+    """The HF shard holding layer ``index`` of the dense part."""
     return shard_name(index + 1, ctx.n_shards)
 
 
@@ -239,10 +245,10 @@ def build_layer(ctx: JobContext, task: LayerTask, action: str, inputs: LayerInpu
 
 
 def task_refs(
-    layer: LayerGroup, catalogs: Mapping[str, object]
+    layer: LayerGroup, catalogs: Mapping[str, CheckpointCatalog]
 ) -> dict[str, tuple[TensorRef, ...]]:
     """The layer's tensor refs in each checkpoint (same names, each checkpoint's offsets)."""
     return {
-        name: tuple(catalog.tensors[t] for t in layer.tensor_names)  # type: ignore[attr-defined]
+        name: tuple(catalog.tensors[t] for t in layer.tensor_names)
         for name, catalog in catalogs.items()
     }

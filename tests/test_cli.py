@@ -1,0 +1,65 @@
+"""The ``mediator-ray`` command line: merge, inspect (table and --json), clear failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mediator_ray.cli import app
+from mediator_ray.testing import Zoo
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_qwen_zoo: Zoo, tmp_path_factory: pytest.TempPathFactory, ray_cluster) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    config = {
+        "base": str(tiny_qwen_zoo.base),
+        "experts": [{"name": n, "uri": str(p)} for n, p in tiny_qwen_zoo.experts.items()],
+        "method": "mediator",
+        "options": {"plan": {"route_fraction": 0.5}},
+        "output": str(folder / "out"),
+        "dtype": "bfloat16",
+    }
+    (folder / "merge.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["merge", str(folder / "merge.yaml"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return folder / "out"
+
+
+def test_merge_then_inspect_json(merged: Path, tiny_qwen_zoo: Zoo) -> None:
+    result = runner.invoke(app, ["inspect", str(merged), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    routed = [layer["name"] for layer in payload["layers"] if layer["action"] == "route"]
+    assert routed == [f"block.{i}" for i in tiny_qwen_zoo.conflict_blocks]
+    assert payload["expert_names"] == list(tiny_qwen_zoo.experts)
+    assert payload["dtype"] == "bfloat16"
+    assert "ceil(0.5*4)=2" in payload["plan"]["rule"]
+
+
+def test_inspect_table_shows_routes_and_summary(merged: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(merged)], terminal_width=160)
+    assert result.exit_code == 0, result.output
+    assert "route" in result.stdout and "deviation" in result.stdout
+    assert (
+        "layers averaged / routed" in result.stdout and "5 / 2" in result.stdout
+    )  # 7 layers: embed, 4 blocks, norm, lm_head
+
+
+def test_failures_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": "x", "experts": [], "output": "y"}))
+    result = runner.invoke(app, ["merge", str(bad)])
+    assert result.exit_code == 2
+    assert "experts: List should have at least 1 item" in result.output
+    assert "Traceback" not in result.output
+
+    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not a committed mediator-ray checkpoint" in result.output
