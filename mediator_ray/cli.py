@@ -132,6 +132,54 @@ def inspect(
     out.print(summary_table(manifest))
 
 
+@app.command("fit-router")
+def fit_router_command(
+    checkpoint: Annotated[str, typer.Argument(help="committed checkpoint: path or s3:// URI")],
+    calibration: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--calibration",
+            help="NAME=URI of a JSONL of {'prompt': ...} lines; repeat per expert "
+            "(default: the URIs recorded in the checkpoint's merge config)",
+        ),
+    ] = None,
+) -> None:
+    """Fit (or refit) a checkpoint's task router from calibration prompts."""
+    from mediator_ray.errors import ConfigError
+    from mediator_ray.pipeline import MANIFEST
+    from mediator_ray.router.checkpoint import fit_checkpoint_router
+    from mediator_ray.storage import open_store
+
+    try:
+        manifest = read_manifest(checkpoint)
+        uris = {e["name"]: e["calibration"] for e in manifest["experts"] if e.get("calibration")}
+        for item in calibration or []:
+            name, sep, uri = item.partition("=")
+            if not sep or not name or not uri:
+                raise ConfigError(f"--calibration expects NAME=URI, got {item!r}")
+            uris[name] = uri
+        routed_blocks = [
+            layer["index"]
+            for layer in manifest["layers"]
+            if layer["action"] == "route" and layer["kind"] == "block"
+        ]
+        files, summary = fit_checkpoint_router(
+            checkpoint, uris, manifest["expert_names"], routed_blocks
+        )
+    except MediatorError as e:
+        raise typer.Exit(_fail(e)) from None
+    store = open_store(checkpoint)
+    for key, data in files.items():
+        store.write(key, data)
+    manifest["router"] = summary
+    store.write_text(MANIFEST, json.dumps(manifest, indent=1) + "\n")  # last, atomically
+    console.print(
+        f"[green]router fitted[/]: held-out accuracy {summary['heldout_accuracy']:.3f} "
+        f"on {summary['n_heldout']} prompts; u_low {summary['thresholds']['u_low']:.3f}, "
+        f"u_high {summary['thresholds']['u_high']:.3f}"
+    )
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the zoo and outputs go")] = Path("data/demo"),

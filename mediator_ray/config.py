@@ -26,6 +26,7 @@ from mediator_ray.errors import ConfigError, StorageError
 from mediator_ray.merge.conflict import ConflictMetric
 from mediator_ray.merge.methods import MethodName, MethodOptions
 from mediator_ray.merge.plan import PlanOptions
+from mediator_ray.router.fit import RouterOptions
 from mediator_ray.storage import StorageOptions, open_store
 
 MERGE_METHODS: tuple[str, ...] = (
@@ -133,6 +134,7 @@ class MergeConfig(_Strict):
     dtype: OutputDtype = "bfloat16"
     storage: StorageOptions = StorageOptions()
     compute: ComputeOptions = ComputeOptions()
+    router: RouterOptions = RouterOptions()
 
     @model_validator(mode="after")
     def _consistent(self) -> MergeConfig:
@@ -147,6 +149,13 @@ class MergeConfig(_Strict):
             raise ValueError(
                 f"output: {self.output} is also the input {uris[self.output.rstrip('/')]!r}"
             )
+        with_prompts = [e.name for e in self.experts if e.calibration]
+        if with_prompts and len(with_prompts) != len(self.experts):
+            without = [e.name for e in self.experts if not e.calibration]
+            raise ValueError(
+                f"experts: calibration given for {with_prompts} but not for {without}; "
+                "the router needs prompts for every expert (or none)"
+            )
         weights = self.options.weights
         if weights is not None and len(weights) != len(self.experts):
             raise ValueError(
@@ -157,6 +166,11 @@ class MergeConfig(_Strict):
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
+
+    @property
+    def calibration(self) -> dict[str, str]:
+        """Expert name → calibration prompts URI (empty when the router is not fitted)."""
+        return {e.name: e.calibration for e in self.experts if e.calibration}
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -162,8 +162,24 @@ class CheckpointWriter:
         extra_files: Mapping[str, bytes] | None = None,
         marker_content: bytes = b"{}",
     ) -> None:
-        """Write the index, copy config/tokenizer files, write ``extra_files``, then the marker.
+        """:meth:`write_metadata`, then :meth:`publish` — the marker last."""
+        self.write_metadata(shards, copy_from, extra_files)
+        self.publish(marker_content)
 
+    def publish(self, marker_content: bytes = b"{}") -> None:
+        """Write the marker: from now on the folder is a complete checkpoint."""
+        self.store.write(self.marker, marker_content)
+
+    def write_metadata(
+        self,
+        shards: Sequence[ShardRecord],
+        copy_from: CheckpointCatalog | None = None,
+        extra_files: Mapping[str, bytes] | None = None,
+    ) -> None:
+        """Write the index, copy config/tokenizer files and write ``extra_files``; no marker.
+
+        Split from :meth:`publish` so work that needs the loadable folder (fitting a router on
+        the merged model) can run before the checkpoint is declared complete.
         ``extra_files`` win over copied files (e.g. a ``config.json`` with a new dtype).
         Every shard must exist with its recorded size, so a lost write cannot be committed.
         """
@@ -197,7 +213,6 @@ class CheckpointWriter:
                     self.store.write(key, copy_from.store.read(key))
         for key, data in extra.items():
             self.store.write(key, data)
-        self.store.write(self.marker, marker_content)
 
 
 def save_checkpoint(

@@ -250,15 +250,45 @@ def run_merge(
     if config.method == "mediator":
         extra["report/conflicts.parquet"] = conflicts_parquet(manifest)
         extra["report/conflicts.png"] = conflicts_png(manifest)
-    writer.commit(
-        [r.dense for r in results.values()],
-        copy_from=base,
-        extra_files=extra,
-        marker_content=(json.dumps(manifest, indent=1) + "\n").encode(),
-    )
+    writer.write_metadata([r.dense for r in results.values()], copy_from=base, extra_files=extra)
+
+    # 5. Router: fitted on the written dense model when experts carry calibration prompts.
+    if config.method == "mediator" and config.calibration:
+        routed_blocks = [
+            t.layer.index
+            for t in tasks
+            if actions[t.layer.name] == "route" and t.layer.kind == "block"
+        ]
+        manifest["router"] = _fit_router(config, routed_blocks, options)
+    writer.publish((json.dumps(manifest, indent=1) + "\n").encode())
     if show_progress:
         console.print(summary_table(manifest))
     return MergeOutcome(config.output, manifest)
+
+
+def _fit_router(config: MergeConfig, routed_blocks: list[int], options: dict[str, Any]) -> dict:
+    from mediator_ray.router.checkpoint import fit_checkpoint_router
+
+    fit = ray.remote(**{**options, "max_retries": config.compute.max_retries})(
+        fit_checkpoint_router
+    )
+    try:
+        files, summary = ray.get(
+            fit.remote(
+                config.output,
+                config.calibration,
+                config.expert_names,
+                routed_blocks,
+                config.router,
+                config.storage,
+            )
+        )
+    except ray.exceptions.RayTaskError as e:
+        raise _unwrap(e) from e
+    out_store = open_store(config.output, config.storage)
+    for key, data in files.items():
+        out_store.write(key, data)
+    return summary
 
 
 def _sparse_tensor_names(result: LayerResult, expert: str) -> set[str]:

@@ -6,7 +6,7 @@ from mediator_ray.errors import StorageError
 from mediator_ray.storage.base import ByteRange, IOStats, ObjectStore, StorageOptions, plan_fetches
 from mediator_ray.storage.local import LocalStore
 from mediator_ray.storage.s3 import S3Store, split_s3_uri
-from mediator_ray.storage.transfer import copy_tree
+from mediator_ray.storage.transfer import copy_tree, local_folder
 
 __all__ = [
     "ByteRange",
@@ -16,6 +16,7 @@ __all__ = [
     "S3Store",
     "StorageOptions",
     "copy_tree",
+    "local_folder",
     "open_store",
     "plan_fetches",
     "split_s3_uri",

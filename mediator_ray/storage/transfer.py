@@ -6,8 +6,10 @@ tests and benchmarks that put a local checkpoint on an S3 server.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from mediator_ray.storage.base import ObjectStore
 
@@ -23,3 +25,19 @@ def copy_tree(src: ObjectStore, dst: ObjectStore, keys: Iterable[str] | None = N
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="copy") as pool:
         list(pool.map(copy_one, todo))
     return todo
+
+
+def local_folder(store: ObjectStore, cache_dir: str | Path | None = None) -> Path:
+    """A local folder with the store's files: the folder itself for a local store, else a
+    one-time download (``_progress/`` records excluded) into ``cache_dir`` or a temp folder.
+
+    For consumers that only read real files, like ``from_pretrained``.
+    """
+    from mediator_ray.storage.local import LocalStore
+
+    if isinstance(store, LocalStore):
+        return store.root
+    target = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="mediator-"))
+    keys = [k for k in store.list() if not k.startswith("_progress/")]
+    copy_tree(store, LocalStore(str(target)), keys)
+    return target
