@@ -132,6 +132,42 @@ def inspect(
     out.print(summary_table(manifest))
 
 
+@app.command("serve")
+def serve_command(
+    checkpoint: Annotated[str, typer.Argument(help="committed checkpoint: path or s3:// URI")],
+    host: Annotated[str, typer.Option(help="HTTP bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    replicas: Annotated[int, typer.Option(help="expert-pool replicas")] = 1,
+    num_cpus: Annotated[float, typer.Option(help="CPUs per replica")] = 1.0,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per replica")] = 0.0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    cache_size: Annotated[int, typer.Option(help="materialised mixes per replica")] = 4,
+) -> None:
+    """Serve a checkpoint with Ray Serve: OpenAI-style /v1/completions, /v1/chat/completions,
+    /v1/route, /v1/models, /healthz. Runs until interrupted."""
+    from ray import serve
+
+    from mediator_ray.pipeline import ensure_ray
+    from mediator_ray.serve import ServeOptions, build
+
+    try:
+        options = ServeOptions(
+            checkpoint=checkpoint,
+            replicas=replicas,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            device=device,  # type: ignore[arg-type]
+            cache_size=cache_size,
+        )
+        read_manifest(checkpoint)  # fail fast, before any replica starts
+    except MediatorError as e:
+        raise typer.Exit(_fail(e)) from None
+    ensure_ray()
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+    console.print(f"serving {checkpoint} at http://{host}:{port}/v1 (Ctrl-C to stop)")
+    serve.run(build(options), name="mediator", route_prefix="/", blocking=True)
+
+
 @app.command("fit-router")
 def fit_router_command(
     checkpoint: Annotated[str, typer.Argument(help="committed checkpoint: path or s3:// URI")],

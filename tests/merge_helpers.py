@@ -11,8 +11,9 @@ from safetensors.torch import load
 
 from mediator_ray.config import MergeConfig, parse_config
 from mediator_ray.merge import decode_sparse
+from mediator_ray.pipeline import run_merge
 from mediator_ray.storage import ObjectStore, open_store
-from mediator_ray.testing import Zoo
+from mediator_ray.testing import Zoo, sample_prompts
 
 
 def zoo_config(
@@ -69,3 +70,26 @@ def object_bytes(uri: str, skip: tuple[str, ...] = ("mediator.json", "_progress/
 
 def manifest(uri: str | Path) -> dict[str, Any]:
     return json.loads(open_store(str(uri)).read_text("mediator.json"))
+
+
+def write_calibration(folder: Path, zoo: Zoo, n: int = 60) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    uris = {}
+    for name in zoo.experts:
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in sample_prompts(name, n)))
+        uris[name] = str(path)
+    return uris
+
+
+def merge_with(
+    zoo: Zoo, out: Path, calibration: dict[str, str] | None, density: float, **plan: object
+) -> Path:
+    options = {"sparse": {"density": density}} | ({"plan": plan} if plan else {})
+    config = zoo_config(zoo, str(out), options=options)
+    data = config.model_dump(mode="json", by_alias=True)
+    if calibration:
+        for expert in data["experts"]:
+            expert["calibration"] = calibration[expert["name"]]
+    run_merge(parse_config(data), show_progress=False)
+    return out

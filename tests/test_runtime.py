@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import manifest, zoo_config
+from merge_helpers import manifest, merge_with, write_calibration, zoo_config
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from mediator_ray import MediatorModel
 from mediator_ray.cli import app
-from mediator_ray.pipeline import run_merge
 from mediator_ray.testing import Zoo, sample_prompts
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def write_calibration(folder: Path, zoo: Zoo, n: int = 60) -> dict[str, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    uris = {}
-    for name in zoo.experts:
-        path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in sample_prompts(name, n)))
-        uris[name] = str(path)
-    return uris
-
-
-def merge_with(
-    zoo: Zoo, out: Path, calibration: dict[str, str] | None, density: float, **plan: object
-) -> Path:
-    options = {"sparse": {"density": density}} | ({"plan": plan} if plan else {})
-    config = zoo_config(zoo, str(out), options=options)
-    data = config.model_dump(mode="json", by_alias=True)
-    if calibration:
-        for expert in data["experts"]:
-            expert["calibration"] = calibration[expert["name"]]
-    from mediator_ray.config import parse_config
-
-    run_merge(parse_config(data), show_progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

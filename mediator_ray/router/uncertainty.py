@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-Mode = Literal["top1", "topk", "ood", "dense"]
+Mode = Literal["top1", "topk", "ood", "dense", "pinned"]
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,22 +158,28 @@ class MediatorModel:
             for tensor in self.routed_tensors
         }
 
+    def prepare(self, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """The routed-layer tensors of a mix, materialised into the LRU if not there yet."""
+        key = mix_key(weights)
+        if key == "dense" or not self.routed_tensors:
+            return self._dense
+        if key in self._mixes:
+            self._mixes.move_to_end(key)
+            return self._mixes[key]
+        tensors = self._mix_tensors(weights)
+        self._mixes[key] = tensors
+        while len(self._mixes) > self.cache_size:
+            self._mixes.popitem(last=False)
+        return tensors
+
     def activate(self, weights: Mapping[str, float]) -> str:
         """Make ``weights`` the model's mix (routed layers only); returns the mix key."""
         key = mix_key(weights)
         if key == self.active_mix:
+            if key in self._mixes:
+                self._mixes.move_to_end(key)
             return key
-        if key == "dense" or not self.routed_tensors:
-            tensors = self._dense
-        elif key in self._mixes:
-            self._mixes.move_to_end(key)
-            tensors = self._mixes[key]
-        else:
-            tensors = self._mix_tensors(weights)
-            self._mixes[key] = tensors
-            while len(self._mixes) > self.cache_size:
-                self._mixes.popitem(last=False)
-        for name, tensor in tensors.items():
+        for name, tensor in self.prepare(weights).items():
             self.model.get_parameter(name).data = tensor
         self.active_mix = key
         return key
@@ -225,13 +232,19 @@ class MediatorModel:
         weights: Sequence[Mapping[str, float] | None] | None = None,
         **generation_kwargs: Any,
     ) -> list[Generation]:
-        """Route each prompt (unless ``weights`` pins its mix), group by mix, generate."""
-        routings = self.route(prompts)
-        if weights is not None:
-            routings = [
-                r if w is None else Routing(r.probabilities, r.uncertainty, r.mode, dict(w))
-                for r, w in zip(routings, weights, strict=True)
-            ]
+        """Route each prompt (unless ``weights`` pins its mix), group by mix, generate.
+
+        Only prompts without pinned weights are routed. Generation is greedy unless
+        ``do_sample`` and friends are passed (transformers ``generate`` keyword arguments).
+        """
+        pinned = list(weights) if weights is not None else [None] * len(prompts)
+        if len(pinned) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(pinned)} weights")
+        to_route = [i for i, w in enumerate(pinned) if w is None]
+        routed = iter(self.route([prompts[i] for i in to_route]) if to_route else [])
+        routings = [
+            next(routed) if w is None else Routing({}, 0.0, "pinned", dict(w)) for w in pinned
+        ]
         groups: dict[str, list[int]] = {}
         for index, routing in enumerate(routings):
             groups.setdefault(routing.mix, []).append(index)
@@ -244,6 +257,30 @@ class MediatorModel:
                     prompts[i], text, routings[i], n_prompt, n_completion, finish
                 )
         return [r for r in results if r is not None]
+
+    def stream(
+        self, prompt: str, weights: Mapping[str, float], **generation_kwargs: Any
+    ) -> Iterator[str]:
+        """Text pieces of one completion as they are generated, with ``weights`` active."""
+        from transformers import TextIteratorStreamer
+
+        self.activate(weights)
+        batch = self.tokenizer([prompt], return_tensors="pt").to(self.device)
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300
+        )
+        options = {"max_new_tokens": 32, "do_sample": False, **generation_kwargs}
+        options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        worker = threading.Thread(
+            target=self.model.generate, kwargs={**batch, **options, "streamer": streamer}
+        )
+        worker.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            worker.join()
 
     def _generate(
         self, prompts: Sequence[str], kwargs: Mapping[str, Any]
