@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mediator_ray.errors import ObjectNotFoundError
@@ -130,8 +131,9 @@ class ObjectStore(ABC):
         """Size in bytes of ``key``; :class:`ObjectNotFoundError` when absent."""
 
     @abstractmethod
-    def _get(self, key: str, start: int, end: int) -> bytes:
-        """One ranged read of ``[start, end)``, without counting (the caller counts)."""
+    def _get_into(self, key: str, start: int, out: memoryview) -> int:
+        """One ranged read of ``len(out)`` bytes at ``start`` straight into ``out``, without
+        counting (the caller counts); returns the bytes read (fewer past the end)."""
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
@@ -162,10 +164,11 @@ class ObjectStore(ABC):
         return True
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of ``key``, one request."""
-        data = self._get(key, start, end)
-        self.stats.add_read(len(data))
-        return data
+        """Bytes ``[start, end)`` of ``key``, one request (fewer if the object is shorter)."""
+        buffer = bytearray(max(0, end - start))
+        got = self._get_into(key, start, memoryview(buffer))
+        self.stats.add_read(got)
+        return bytes(buffer[:got]) if got != len(buffer) else bytes(buffer)
 
     def read(self, key: str) -> bytes:
         """The whole object (small objects: configs, manifests, tokenizer files)."""
@@ -197,18 +200,23 @@ class ObjectStore(ABC):
             else:
                 slots.append((len(span_bounds), 0))
                 span_bounds.append([part.key, part.start, part.end])
-        buffers = [bytearray(end - start) for _, start, end in span_bounds]
+        # Uninitialised (every byte is about to be overwritten) and writable.
+        buffers = [
+            memoryview(np.empty(end - start, dtype=np.uint8)) for _, start, end in span_bounds
+        ]
 
         def fetch(index: int) -> None:
             part = fetches[index]
-            data = self.read_range(part.key, part.start, part.end)
-            if len(data) != part.length:
+            span_index, offset = slots[index]
+            got = self._get_into(
+                part.key, part.start, buffers[span_index][offset : offset + part.length]
+            )
+            self.stats.add_read(got)
+            if got != part.length:
                 raise ObjectNotFoundError(
                     f"{self.url(part.key)}: asked for bytes {part.start}-{part.end} "
-                    f"but got {len(data)} bytes (object shorter than expected)"
+                    f"but got {got} bytes (object shorter than expected)"
                 )
-            span_index, offset = slots[index]
-            buffers[span_index][offset : offset + part.length] = data
 
         if len(fetches) == 1:
             fetch(0)
@@ -229,8 +237,7 @@ class ObjectStore(ABC):
             spans_of_key = starts_by_key[r.key]
             pos = bisect.bisect_right(spans_of_key, (r.start, len(span_bounds))) - 1
             span_start, index = spans_of_key[pos]
-            view = memoryview(buffers[index])
-            results.append(view[r.start - span_start : r.end - span_start])
+            results.append(buffers[index][r.start - span_start : r.end - span_start])
         return results
 
     def write(self, key: str, data: bytes | bytearray | memoryview) -> None:

@@ -35,22 +35,20 @@ class LocalStore(ObjectStore):
             raise ObjectNotFoundError(f"{path}: not a file")
         return stat.st_size
 
-    def _get(self, key: str, start: int, end: int) -> bytes:
+    def _get_into(self, key: str, start: int, out: memoryview) -> int:
         path = self._path(key)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise ObjectNotFoundError(f"{path}: no such file") from None
         try:
-            chunks = []
-            offset = start
-            while offset < end:
-                chunk = os.pread(fd, end - offset, offset)
-                if not chunk:
+            done = 0
+            while done < len(out):
+                n = os.preadv(fd, [out[done:]], start + done)
+                if n == 0:
                     break
-                chunks.append(chunk)
-                offset += len(chunk)
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                done += n
+            return done
         finally:
             os.close(fd)
 

@@ -126,7 +126,9 @@ class S3Store(ObjectStore):
             raise self._translate(e, key, "size of") from e
         return int(head["ContentLength"])
 
-    def _get(self, key: str, start: int, end: int) -> bytes:
+    def _get_into(self, key: str, start: int, out: memoryview) -> int:
+        """Ranged GET streamed straight into ``out`` (no intermediate bytes object)."""
+        end = start + len(out)
         attempt = 0
         while True:
             attempt += 1
@@ -134,14 +136,20 @@ class S3Store(ObjectStore):
                 response = self.client.get_object(
                     Bucket=self.bucket, Key=self._full_key(key), Range=f"bytes={start}-{end - 1}"
                 )
-                return response["Body"].read()
+                body, done = response["Body"], 0
+                while done < len(out):
+                    n = body.readinto(out[done:])
+                    if not n:
+                        break
+                    done += n
+                return done
             except _STREAM_ERRORS as e:
                 if attempt >= self.options.max_attempts:
                     raise self._translate(e, key, "read") from e
                 time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
             except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
                 if _error_code(e) == "InvalidRange":
-                    return b""  # read past the end: the caller reports the short read
+                    return 0  # read past the end: the caller reports the short read
                 raise self._translate(e, key, "read") from e
 
     def list(self, prefix: str = "") -> list[str]:
