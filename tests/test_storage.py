@@ -174,3 +174,24 @@ def test_wrong_credentials_are_refused_clearly(s3_bucket: str) -> None:
         # HEAD answers carry no error body: the status alone must still read clearly.
         with pytest.raises(StorageError, match=r"size of .*config\.json: S3 refused the cred"):
             store_with("wrong-secret").size("config.json")
+
+
+def test_conditional_writes_create_once_and_compare_and_swap(store: ObjectStore) -> None:
+    assert store.tag("pointer.json") is None
+    assert store.write_if("pointer.json", b"v1", None)  # create
+    assert not store.write_if("pointer.json", b"other", None)  # exists: refused
+    tag = store.tag("pointer.json")
+    assert tag is not None
+    assert store.write_if("pointer.json", b"v2", tag)  # swap from the tag we read
+    assert not store.write_if("pointer.json", b"v3", tag)  # stale tag: refused
+    assert store.read("pointer.json") == b"v2"
+    assert store.list() == ["pointer.json"]  # no lock or temp files visible
+
+
+def test_only_one_of_many_concurrent_creators_wins(store: ObjectStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda i: store.write_if("lease", f"{i}".encode(), None), range(16)))
+    assert sum(wins) == 1
+    assert store.read("lease") == str(wins.index(True)).encode()

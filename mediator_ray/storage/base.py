@@ -144,6 +144,16 @@ class ObjectStore(ABC):
         """Write one whole object atomically: readers see the old object or the new one."""
 
     @abstractmethod
+    def _put_if(self, key: str, data: bytes, expected_tag: str | None) -> bool:
+        """Conditional write: create ``key`` only if absent (``expected_tag`` None), or replace
+        it only if its current tag equals ``expected_tag``. False when the condition fails.
+        Atomic against concurrent writers: the building block of leases and pointers."""
+
+    @abstractmethod
+    def tag(self, key: str) -> str | None:
+        """An opaque version tag of ``key`` (S3 ETag; local inode/mtime/size), None if absent."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are not an error."""
 
@@ -247,6 +257,13 @@ class ObjectStore(ABC):
 
     def write_text(self, key: str, text: str) -> None:
         self.write(key, text.encode("utf-8"))
+
+    def write_if(self, key: str, data: bytes, expected_tag: str | None) -> bool:
+        """:meth:`_put_if`, counted."""
+        ok = self._put_if(key, bytes(data), expected_tag)
+        if ok:
+            self.stats.add_write(len(data))
+        return ok
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"

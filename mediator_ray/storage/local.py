@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -61,8 +62,8 @@ class LocalStore(ObjectStore):
         keys = []
         for dirpath, _, filenames in os.walk(base):
             for name in filenames:
-                if name.startswith(".tmp-"):
-                    continue  # an in-flight write of another process
+                if name.startswith((".tmp-", ".lock-")):
+                    continue  # an in-flight write of another process, or a writers' lock
                 keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(keys)
 
@@ -79,6 +80,28 @@ class LocalStore(ObjectStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def tag(self, key: str) -> str | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+    def _put_if(self, key: str, data: bytes, expected_tag: str | None) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One lock file per key serialises conditional writers; the write itself is still a
+        # temp file + rename, so readers never see a partial object.
+        with open(path.parent / f".lock-{path.name}", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.tag(key) != expected_tag:
+                    return False
+                self._put(key, data)
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -187,6 +187,29 @@ class S3Store(ObjectStore):
         except boto3.exceptions.S3UploadFailedError as e:
             raise StorageError(f"write {self.url(key)}: {e}") from e
 
+    def tag(self, key: str) -> str | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._full_key(key))
+        except botocore.exceptions.ClientError as e:
+            if _error_code(e) in _NOT_FOUND_CODES:
+                return None
+            raise self._translate(e, key, "tag of") from e
+        return str(head["ETag"])
+
+    def _put_if(self, key: str, data: bytes, expected_tag: str | None) -> bool:
+        condition = {"IfNoneMatch": "*"} if expected_tag is None else {"IfMatch": expected_tag}
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._full_key(key), Body=data, **condition
+            )
+        except botocore.exceptions.ClientError as e:
+            if _error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+                return False
+            if _error_code(e) in {"NoSuchKey", "404"} and expected_tag is not None:
+                return False  # replaced object vanished meanwhile: the condition failed
+            raise self._translate(e, key, "conditional write") from e
+        return True
+
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._full_key(key))
