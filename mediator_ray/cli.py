@@ -60,6 +60,69 @@ def run_merge_command(config_uri: str, show_progress: bool = True) -> int:
     return 0
 
 
+def run_merge_new_command(
+    registry: str,
+    output: str,
+    template_uri: str | None,
+    retain: int,
+    show_progress: bool = True,
+    lease_ttl_s: float = 120.0,
+) -> int:
+    """Shared by ``mediator-ray merge-new`` and ``jobs/merge_new_experts.py``."""
+    import yaml
+
+    from mediator_ray.errors import ConfigError
+    from mediator_ray.registry.merge_new import merge_new_experts
+    from mediator_ray.storage import open_store
+
+    try:
+        template = None
+        if template_uri:
+            parent, _, key = template_uri.rpartition("/")
+            template = yaml.safe_load(open_store(parent or ".").read_text(key)) or {}
+            if not isinstance(template, dict):
+                raise ConfigError(f"{template_uri}: expected a mapping of merge options")
+        result = merge_new_experts(
+            registry,
+            output,
+            template,
+            retain=retain,
+            lease_ttl_s=lease_ttl_s,
+            console=console,
+            show_progress=show_progress,
+        )
+    except MediatorError as e:
+        return _fail(e)
+    if result.status == "published":
+        saved = 1 - result.bytes_fetched / result.full_merge_bytes if result.full_merge_bytes else 0
+        console.print(
+            f"[green]published version {result.version}[/] with {result.experts} "
+            f"(new: {result.new_experts}); fetched {result.bytes_fetched:,} bytes vs "
+            f"{result.full_merge_bytes:,} for a full re-merge ({saved:.0%} saved)"
+        )
+    else:
+        console.print(f"{result.status}: latest version {result.version}, nothing published")
+    return 0
+
+
+@app.command("merge-new")
+def merge_new(
+    registry: Annotated[str, typer.Argument(help="registry prefix (path or s3://)")],
+    output: Annotated[str, typer.Argument(help="versioned output root (path or s3://)")],
+    config: Annotated[
+        str | None, typer.Option(help="merge options template YAML (options, dtype, compute)")
+    ] = None,
+    retain: Annotated[int, typer.Option(help="published versions to keep")] = 3,
+    lease_ttl: Annotated[
+        float,
+        typer.Option(help="seconds without renewal before a dead run's lease may be taken over"),
+    ] = 120.0,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Merge newly registered experts into a new version of OUTPUT (scheduled batch merge)."""
+    raise typer.Exit(run_merge_new_command(registry, output, config, retain, progress, lease_ttl))
+
+
 @app.command()
 def merge(
     config: Annotated[str, typer.Argument(help="merge.yaml: a path or an s3:// URI")],

@@ -41,6 +41,7 @@ from mediator_ray.merge.sparse import (
     encoded_nbytes,
     encoding_costs,
     estimate_encoded_nbytes,
+    extend_dense_expert,
     keep_count,
     reconstruction_error,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "encoding_costs",
     "estimate_encoded_nbytes",
     "extend_conflict",
+    "extend_dense_expert",
     "keep_count",
     "layer_conflict",
     "make_plan",

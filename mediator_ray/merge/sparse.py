@@ -99,6 +99,21 @@ def dense_expert(experts: Sequence[torch.Tensor]) -> torch.Tensor:
     return total.div_(len(experts))
 
 
+def extend_dense_expert(
+    mean_old: torch.Tensor, n_old: int, new_experts: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """D over n_old + k experts from the old mean and the k new experts, in float32.
+
+    What an incremental merge uses instead of re-reading the old experts: equal to
+    :func:`dense_expert` of all experts up to float rounding, plus the rounding ``mean_old``
+    carries if it was stored below float32.
+    """
+    total = mean_old.to(COMPUTE_DTYPE) * n_old
+    for expert in new_experts:
+        total.add_(expert.to(device=total.device, dtype=COMPUTE_DTYPE))
+    return total.div_(n_old + len(new_experts))
+
+
 def top_k_entries(expert: torch.Tensor, dense: torch.Tensor, density: float) -> SparseEntries:
     """TopK_d(θ_i − D): the :func:`keep_count` positions of largest |θ_i − D| and θ_i there."""
     flat_expert = expert.reshape(-1).to(dense.device)

@@ -45,7 +45,14 @@ from mediator_ray.pipeline.resume import (
     input_fingerprint,
 )
 from mediator_ray.pipeline.tasks import remote_build_task, remote_conflict_task
-from mediator_ray.pipeline.work import BASE, JobContext, LayerResult, LayerTask, task_refs
+from mediator_ray.pipeline.work import (
+    BASE,
+    PREVIOUS,
+    JobContext,
+    LayerResult,
+    LayerTask,
+    task_refs,
+)
 from mediator_ray.storage import open_store
 
 MANIFEST = "mediator.json"
@@ -112,9 +119,17 @@ def _open_catalogs(config: MergeConfig) -> dict[str, CheckpointCatalog]:
         return dict(zip(uris, opened, strict=True))
 
 
-def _job_context(config: MergeConfig, n_shards: int) -> JobContext:
+def _job_context(
+    config: MergeConfig,
+    n_shards: int,
+    previous: tuple[str, int] | None = None,
+    new_experts: tuple[str, ...] = (),
+) -> JobContext:
+    checkpoints = {BASE: config.base} | {e.name: e.uri for e in config.experts}
+    if previous is not None:
+        checkpoints[PREVIOUS] = previous[0]
     return JobContext(
-        checkpoints={BASE: config.base} | {e.name: e.uri for e in config.experts},
+        checkpoints=checkpoints,
         expert_names=tuple(config.expert_names),
         method=config.method,
         averaging_method=config.options.merge.method,
@@ -125,6 +140,8 @@ def _job_context(config: MergeConfig, n_shards: int) -> JobContext:
         storage=config.storage,
         device=config.compute.device,
         n_shards=n_shards,
+        previous_n=previous[1] if previous else 0,
+        new_experts=new_experts,
     )
 
 
@@ -148,10 +165,53 @@ def _output_config(base: CheckpointCatalog, dtype: str) -> bytes:
     return (json.dumps(config, indent=2) + "\n").encode()
 
 
+@dataclass(frozen=True)
+class PreviousVersion:
+    """A published Mediator checkpoint that an incremental merge extends with new experts."""
+
+    uri: str
+    manifest: dict[str, Any]
+
+
+def incremental_plan(config: MergeConfig, previous: PreviousVersion) -> tuple[str, ...] | None:
+    """The experts to add when ``config`` only extends ``previous``, else None (full merge).
+
+    Extending needs what the previous version already knows to be enough: a Mediator merge
+    of the same base whose experts (same names and URIs) lead ``config``'s list, plain
+    averaging of low-conflict layers, and the ``deviation`` metric, whose sufficient
+    statistics the manifest records.
+    """
+    m = previous.manifest
+    old = {e["name"]: e["uri"] for e in m.get("experts", [])}
+    current = [(e.name, e.uri) for e in config.experts]
+    extends = (
+        config.method == "mediator"
+        and m.get("method") == "mediator"
+        and m.get("base") == config.base
+        and config.options.plan.metric == "deviation"
+        and config.options.merge.method == "linear"
+        and config.options.weights is None
+        and 0 < len(old) < len(current)
+        and list(old.items()) == current[: len(old)]
+        and all(layer.get("conflict") for layer in m.get("layers", []))
+    )
+    return tuple(name for name, _ in current[len(old) :]) if extends else None
+
+
 def run_merge(
-    config: MergeConfig, *, console: Console | None = None, show_progress: bool = True
+    config: MergeConfig,
+    *,
+    console: Console | None = None,
+    show_progress: bool = True,
+    previous: PreviousVersion | None = None,
 ) -> MergeOutcome:
-    """Run one merge job end to end; raises a MediatorError before any task on bad input."""
+    """Run one merge job end to end; raises a MediatorError before any task on bad input.
+
+    With ``previous`` (a published version whose experts lead ``config``'s), layers are
+    scored from the previous statistics plus the new experts, and averaged layers are built
+    from the previous dense layer plus the new experts: the old experts are read only for
+    routed layers. Anything else falls back to a full merge.
+    """
     started = time.perf_counter()
     console = console or Console(stderr=True)
 
@@ -159,25 +219,58 @@ def run_merge(
     catalogs = _open_catalogs(config)
     base = catalogs[BASE]
     check_compatible(base, {e: catalogs[e] for e in config.expert_names})
+    new_experts = incremental_plan(config, previous) if previous else None
+    previous_stats: dict[str, LayerConflict] = {}
+    if previous is not None and new_experts is not None:
+        catalogs[PREVIOUS] = open_checkpoint(previous.uri, config.storage)
+        previous_stats = {
+            layer["name"]: LayerConflict(**layer["conflict"])
+            for layer in previous.manifest["layers"]
+        }
     out_store = open_store(config.output, config.storage)
     writer = CheckpointWriter(out_store, marker=MANIFEST)
     writer.begin()  # the output is invalid from here until the manifest is written
 
     ensure_ray()
-    tasks = [LayerTask(i, layer, task_refs(layer, catalogs)) for i, layer in enumerate(base.layers)]
-    ctx = _job_context(config, n_shards=len(tasks))
+    full_sources = {name: catalogs[name] for name in (BASE, *config.expert_names)}
+    tasks = [
+        LayerTask(i, layer, task_refs(layer, full_sources)) for i, layer in enumerate(base.layers)
+    ]
+    incremental_tasks: dict[str, LayerTask] = {}
+    if new_experts:
+        sources = {name: catalogs[name] for name in (BASE, PREVIOUS, *new_experts)}
+        incremental_tasks = {
+            t.layer.name: LayerTask(t.index, t.layer, task_refs(t.layer, sources))
+            for t in tasks
+            if t.layer.name in previous_stats
+        }
+    ctx = _job_context(
+        config,
+        n_shards=len(tasks),
+        previous=(previous.uri, len(config.experts) - len(new_experts)) if new_experts else None,
+        new_experts=new_experts or (),
+    )
     ctx_ref = ray.put(ctx)
     file_sizes = {
         name: {file: header.file_size for file, header in catalog.headers.items()}
         for name, catalog in catalogs.items()
     }
     input_fps = {t.layer.name: input_fingerprint(ctx, t, file_sizes) for t in tasks}
+    incremental_fps = {
+        name: input_fingerprint(ctx, t, file_sizes) for name, t in incremental_tasks.items()
+    }
     progress_log = ProgressLog(out_store)
     options = _task_options(config)
     limit = config.compute.tasks_in_flight
     bytes_fetched = 0
     conflicts: dict[str, LayerConflict] = {}
     cached_inputs: dict[str, ray.ObjectRef] = {}
+
+    def scoring_task(t: LayerTask) -> tuple[LayerTask, str]:
+        name = t.layer.name
+        if name in incremental_tasks:
+            return incremental_tasks[name], incremental_fps[name]
+        return t, input_fps[name]
 
     with MergeProgress(console, enabled=show_progress) as progress:
         # 2. Conflict pass (mediator only): statistics per layer, inputs kept for the build.
@@ -186,7 +279,7 @@ def run_merge(
             phase = progress.phase("conflict", len(tasks))
             todo = []
             for t in tasks:
-                recorded = progress_log.conflict(t.layer.name, input_fps[t.layer.name])
+                recorded = progress_log.conflict(t.layer.name, scoring_task(t)[1])
                 if recorded is None:
                     todo.append(t)
                 else:
@@ -195,8 +288,13 @@ def run_merge(
             conflict_remote = remote_conflict_task(options)
 
             def submit_conflict(t: LayerTask) -> ray.ObjectRef:
+                task, fingerprint = scoring_task(t)
                 stats_ref, inputs_ref = conflict_remote.remote(
-                    ctx_ref, t, input_fps[t.layer.name], config.compute.cache_inputs
+                    ctx_ref,
+                    task,
+                    fingerprint,
+                    config.compute.cache_inputs,
+                    previous_stats.get(t.layer.name) if task is not t else None,
                 )
                 cached_inputs[t.layer.name] = inputs_ref
                 return stats_ref
@@ -218,9 +316,18 @@ def run_merge(
 
         def submit_build(t: LayerTask) -> ray.ObjectRef:
             name = t.layer.name
-            fingerprint = build_fingerprint(ctx, input_fps[name], actions[name])
+            cached = cached_inputs.pop(name, None)
+            if name in incremental_tasks and actions[name] == "average":
+                t, fingerprint = incremental_tasks[name], incremental_fps[name]
+            else:  # routed layers need every expert in full: incremental inputs do not do
+                fingerprint = input_fps[name]
+                cached = cached if name not in incremental_tasks else None
             return build_remote.remote(
-                ctx_ref, t, actions[name], fingerprint, cached_inputs.pop(name, None)
+                ctx_ref,
+                t,
+                actions[name],
+                build_fingerprint(ctx, fingerprint, actions[name]),
+                cached,
             )
 
         def build_done(t: LayerTask, result: LayerResult) -> None:
@@ -384,7 +491,9 @@ def _manifest(
             "total_bytes": dense_bytes + sum(sparse_bytes.values()),
         },
         "stats": {
-            "input_bytes": sum(c.total_bytes for c in catalogs.values()),
+            # What a full merge reads: base + every expert (an incremental one reads less).
+            "input_bytes": sum(c.total_bytes for n, c in catalogs.items() if n != PREVIOUS),
+            "incremental_from": catalogs[PREVIOUS].uri if PREVIOUS in catalogs else None,
             "bytes_fetched": bytes_fetched,  # headers and configs included
             "layers_resumed": sum(r.skipped for r in results.values()),
             "seconds": round(time.perf_counter() - started, 3),

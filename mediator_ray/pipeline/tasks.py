@@ -31,11 +31,18 @@ def _progress(ctx: JobContext) -> ProgressLog:
 
 
 def conflict_task(
-    ctx: JobContext, task: LayerTask, fingerprint: str, keep_inputs: bool
+    ctx: JobContext,
+    task: LayerTask,
+    fingerprint: str,
+    keep_inputs: bool,
+    previous: LayerConflict | None = None,
 ) -> tuple[tuple[LayerConflict, int], LayerInputs | None]:
-    """((conflict stats, bytes fetched), inputs to keep for the build pass or None)."""
+    """((conflict stats, bytes fetched), inputs to keep for the build pass or None).
+
+    ``previous``: the layer's statistics in the previous version (incremental merge).
+    """
     inputs = fetch_layer(ctx, task)
-    conflict = score_layer(ctx, task, inputs)
+    conflict = score_layer(ctx, task, inputs, previous)
     _progress(ctx).save_conflict(task.layer.name, fingerprint, conflict)
     return (conflict, inputs.bytes_fetched), (inputs if keep_inputs else None)
 

@@ -35,6 +35,8 @@ from mediator_ray.merge import (
     dtype_from_name,
     encode_sparse,
     encoded_nbytes,
+    extend_conflict,
+    extend_dense_expert,
     layer_conflict,
     merge_layer,
     reconstruction_error,
@@ -44,6 +46,8 @@ from mediator_ray.merge.methods import MethodOptions
 from mediator_ray.storage import ObjectStore, StorageOptions, open_store
 
 BASE = "base"
+#: The previous version's dense part, in an incremental merge.
+PREVIOUS = "__previous__"
 #: Separates a tensor name from the field of its sparse encoding inside a sparse-expert file.
 SPARSE_KEY_SEPARATOR = "::"
 
@@ -63,6 +67,9 @@ class JobContext:
     storage: StorageOptions
     device: str
     n_shards: int
+    # Incremental merge: experts already in the previous version, and the ones being added.
+    previous_n: int = 0
+    new_experts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,11 +160,24 @@ def task_device(ctx: JobContext) -> torch.device:
     return select_device(ctx.device, gpus_assigned=gpus)  # type: ignore[arg-type]
 
 
-def score_layer(ctx: JobContext, task: LayerTask, inputs: LayerInputs) -> LayerConflict:
-    """Conflict statistics of the layer (floating-point tensors only)."""
+def score_layer(
+    ctx: JobContext,
+    task: LayerTask,
+    inputs: LayerInputs,
+    previous: LayerConflict | None = None,
+) -> LayerConflict:
+    """Conflict statistics of the layer (floating-point tensors only).
+
+    With ``previous`` (an incremental merge) the layer is rescored from the previous
+    version's statistics, its dense layer and the new experts — the old experts are not read.
+    """
     tensors = inputs.tensors(task, task_device(ctx))
     floating = [name for name, t in tensors[BASE].items() if t.is_floating_point()]
     base = {name: tensors[BASE][name] for name in floating}
+    if previous is not None:
+        mean = {name: tensors[PREVIOUS][name] for name in floating}
+        new = [{name: tensors[e][name] for name in floating} for e in ctx.new_experts]
+        return extend_conflict(previous, base, mean, new)
     experts = [{name: tensors[e][name] for name in floating} for e in ctx.expert_names]
     return layer_conflict(base, experts)
 
@@ -178,12 +198,29 @@ def build_layer(ctx: JobContext, task: LayerTask, action: str, inputs: LayerInpu
     device = task_device(ctx)
     tensors = inputs.tensors(task, device)
     base = tensors[BASE]
-    experts = [tensors[e] for e in ctx.expert_names]
     out_dtype = dtype_from_name(ctx.dtype)
     out_store = _store(ctx.output, ctx.storage)
     writer = CheckpointWriter(out_store)
     metadata = {"layer": task.layer.name, "action": action}
 
+    if action == "average" and PREVIOUS in tensors:  # incremental: extend the old mean
+        dense = {
+            name: cast_output(
+                extend_dense_expert(
+                    tensors[PREVIOUS][name],
+                    ctx.previous_n,
+                    [tensors[e][name] for e in ctx.new_experts],
+                ),
+                out_dtype,
+            )
+            if t.is_floating_point()
+            else t
+            for name, t in base.items()
+        }
+        record = writer.write_shard(dense_file(ctx, task.index), dense, metadata)
+        return LayerResult(task.layer.name, action, record, seconds=time.perf_counter() - start)
+
+    experts = [tensors[e] for e in ctx.expert_names]
     if action == "average":
         method = ctx.method if ctx.method != "mediator" else ctx.averaging_method
         merged = merge_layer(method, base, experts, ctx.method_options)

@@ -98,6 +98,7 @@ class MediatorModel:
         self._mixes: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.active_mix = "dense"
         self.materializations = 0
+        self.version: int | None = None  # set when loaded from a versioned output root
         if router is None:
             log.warning(
                 "checkpoint %s has no router: every request is served by the dense model",
@@ -114,8 +115,15 @@ class MediatorModel:
         storage: StorageOptions | None = None,
         cache_dir: str | Path | None = None,
     ) -> MediatorModel:
-        """Load a committed Mediator checkpoint (local folder or s3:// URI)."""
-        store = open_store(uri, storage)
+        """Load a committed Mediator checkpoint (local folder or s3:// URI).
+
+        ``uri`` may also be a versioned output root (``LATEST.json`` + ``versions/``): the
+        latest published version is loaded and its number kept in :attr:`version`.
+        """
+        from mediator_ray.registry.versions import resolve_checkpoint
+
+        resolved, version = resolve_checkpoint(open_store(uri, storage))
+        store = open_store(resolved, storage)
         try:
             manifest = json.loads(store.read_text(MANIFEST))
         except ObjectNotFoundError:
@@ -140,7 +148,9 @@ class MediatorModel:
                         for key in fields:
                             fields[key] = fields[key].pin_memory()
         router = TaskRouter.load(LocalStore(str(folder)))
-        return cls(model, tokenizer, manifest, sparse, router, cache_size)
+        loaded = cls(model, tokenizer, manifest, sparse, router, cache_size)
+        loaded.version = version
+        return loaded
 
     # ---- mixes -------------------------------------------------------------------------------
     def _mix_tensors(self, weights: Mapping[str, float]) -> dict[str, torch.Tensor]:

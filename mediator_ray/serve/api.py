@@ -119,6 +119,12 @@ class ServeOptions(BaseModel):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     max_request_bytes: int = Field(1_000_000, ge=1024)
+    reload_interval_s: float | None = Field(
+        None,
+        gt=0,
+        description="poll a versioned checkpoint root for new versions this often "
+        "and swap them in without failing requests",
+    )
     runtime_env: dict[str, Any] | None = Field(
         None,
         description="Ray runtime_env of both deployments (env_vars such as "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -65,8 +66,54 @@ class ExpertPool:
         self.served = 0
         self._generate_batch.set_max_batch_size(options.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        self._pending: Any = None  # a newer version, loaded and waiting to be swapped in
+        if options.reload_interval_s:
+            threading.Thread(target=self._watch_versions, daemon=True).start()
 
-    def info(self) -> dict[str, Any]:
+    # ---- new versions ------------------------------------------------------------------------
+    def _watch_versions(self) -> None:
+        while True:
+            time.sleep(self.options.reload_interval_s or 60)
+            try:
+                self.check_for_new_version()
+            except Exception:  # keep serving the current version; try again later
+                log.exception("checking %s for a new version failed", self.options.checkpoint)
+
+    def check_for_new_version(self) -> int | None:
+        """Load the latest version in the background if it is newer; returns its number.
+
+        The loaded model waits in ``_pending`` until the next request swaps it in under the
+        model lock, so no generation ever runs across the swap and no request fails.
+        """
+        from mediator_ray.registry.versions import resolve_checkpoint
+        from mediator_ray.runtime import MediatorModel
+        from mediator_ray.storage import open_store
+
+        _, latest = resolve_checkpoint(open_store(self.options.checkpoint))
+        pending = self._pending.version if self._pending is not None else None
+        if latest is None or latest in (self.model.version, pending):
+            return None
+        self._pending = MediatorModel.from_pretrained(
+            self.options.checkpoint, device=self.options.device, cache_size=self.options.cache_size
+        )
+        return latest
+
+    async def _swap_in_new_version(self) -> None:
+        if self._pending is None:
+            return
+        async with self.lock:
+            if self._pending is not None:
+                log.info("now serving version %s", self._pending.version)
+                self.model, self._pending = self._pending, None
+
+    async def reload(self) -> dict[str, Any]:
+        """Check for a new version now (this replica; the others follow by polling)."""
+        loaded = await asyncio.to_thread(self.check_for_new_version)
+        await self._swap_in_new_version()
+        return {"replica": self.replica_id, "version": self.model.version, "loaded": loaded}
+
+    async def info(self) -> dict[str, Any]:
+        await self._swap_in_new_version()
         m = self.model.manifest
         return {
             "experts": self.model.expert_names,
@@ -74,9 +121,11 @@ class ExpertPool:
             "routed_layers": [x["name"] for x in m["layers"] if x["action"] == "route"],
             "density": m["sparse"]["density"],
             "dtype": m["dtype"],
+            "version": self.model.version,
         }
 
     async def route(self, prompts: list[str]) -> list[dict[str, Any]]:
+        await self._swap_in_new_version()
         async with self.lock:
             routings = await asyncio.to_thread(self.model.route, prompts)
         return [routing_payload(r) for r in routings]
@@ -90,6 +139,7 @@ class ExpertPool:
         return weights
 
     async def generate(self, job: GenerationJob) -> dict[str, Any]:
+        await self._swap_in_new_version()
         await self._load_mix(serve.get_multiplexed_model_id() or job.mix)
         return await self._generate_batch(job)
 
@@ -116,6 +166,7 @@ class ExpertPool:
                         "prompt_tokens": g.prompt_tokens,
                         "completion_tokens": g.completion_tokens,
                         "replica": self.replica_id,
+                        "version": self.model.version,
                         "batch_size": len(jobs),
                     }
         self.served += len(jobs)
@@ -123,6 +174,7 @@ class ExpertPool:
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[str]:
         """Text pieces of one completion as they are generated."""
+        await self._swap_in_new_version()
         await self._load_mix(serve.get_multiplexed_model_id() or job.mix)
         weights = parse_mix(job.mix, self.model.expert_names)
         loop = asyncio.get_running_loop()

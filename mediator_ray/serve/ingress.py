@@ -85,7 +85,7 @@ class GuardMiddleware(BaseHTTPMiddleware):
     async def dispatch(self, request: Request, call_next: Any) -> Any:
         key = os.environ.get(API_KEY_ENV)
         path = request.url.path.removeprefix(request.scope.get("root_path", ""))
-        if key and path.startswith("/v1/"):
+        if key and path.startswith(("/v1/", "/admin/")):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 return error_response(401, "missing or wrong bearer token", "authorization")
@@ -118,13 +118,11 @@ class Ingress:
         self.pool = pool
         self.options = options
         self.name = options.served_name
-        self.experts: list[str] = []
         LIMITS["max_request_bytes"] = options.max_request_bytes
 
     async def _experts(self) -> list[str]:
-        if not self.experts:
-            self.experts = (await self.pool.info.remote())["experts"]
-        return self.experts
+        # Asked each time (not cached): a reload to a new version can add experts.
+        return (await self.pool.info.remote())["experts"]
 
     async def _pinned_mix(self, model: str | None) -> str | None:
         """The mix a client pinned through ``model``, None to route; errors name the field."""
@@ -175,7 +173,11 @@ class Ingress:
                     "finish_reason": "stop" if stopped else output["finish_reason"],
                     "prompt_tokens": output["prompt_tokens"],
                     "completion_tokens": output["completion_tokens"],
-                    "mediator": {**routing, "replica": output["replica"]},
+                    "mediator": {
+                        **routing,
+                        "replica": output["replica"],
+                        "version": output["version"],
+                    },
                 }
             )
         return results
@@ -254,6 +256,11 @@ class Ingress:
             ],
             "mediator": {"checkpoint": self.options.checkpoint, **info},
         }
+
+    @api.post("/admin/reload")
+    async def reload(self) -> dict[str, Any]:
+        """Ask a pool replica to load the latest version now (the others poll)."""
+        return await self.pool.reload.remote()
 
     @api.post("/v1/route")
     async def route(self, request: RouteRequest) -> dict[str, Any]:

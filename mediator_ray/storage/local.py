@@ -104,7 +104,16 @@ class LocalStore(ObjectStore):
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Folders exist only to hold objects (as in S3): drop the ones this leaves empty.
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or gone): stop
+                break
+            parent = parent.parent
 
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(str(self._path(prefix.strip("/"))), self.options, self.stats)
