@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mediator_ray.errors import MediatorError
+from mediator_ray.registry.cli import registry_app
 
 
 def prefer_loopback_for_local_ray() -> None:
@@ -39,6 +40,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+app.add_typer(registry_app, name="registry")
 
 
 def _fail(error: MediatorError) -> int:
