@@ -50,6 +50,9 @@ def smollm2_checkpoint(cache_dir: Path, dtype: str = "bfloat16") -> Path:
     # de-quantised weights go through our own writer with a config stripped of the GGUF bits.
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    # A GGUF load leaves ``architectures`` empty; tools that dispatch on it (mergekit,
+    # AutoModel with some configs) need it.
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     config["dtype"] = dtype
     tensors = {
         name: tensor.detach().to(getattr(torch, dtype)).contiguous()
