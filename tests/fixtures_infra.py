@@ -94,3 +94,20 @@ def ray_cluster() -> Iterator[Cluster]:
         os.environ.pop("RAY_ADDRESS", None)
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster: Cluster) -> Iterator[str]:
+    """Ray Serve on the session cluster, HTTP on 127.0.0.1 (one proxy, on the head node).
+
+    Serve's HTTP options are fixed when it starts, so every Serve test shares this instance
+    and deploys its own applications under their own route prefixes.
+    """
+    from ray import serve
+
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()

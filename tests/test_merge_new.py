@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from fixtures_infra import free_port
 from merge_helpers import read_checkpoint_tensors, zoo_config
 
 from mediator_ray.pipeline import run_merge
@@ -44,7 +43,7 @@ def setup(tiny_zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_register_merge_new_and_serving_reloads_without_failed_requests(
-    setup: dict, tiny_zoo: Zoo
+    setup: dict, tiny_zoo: Zoo, serve_url: str
 ) -> None:
     from ray import serve
 
@@ -55,8 +54,6 @@ def test_register_merge_new_and_serving_reloads_without_failed_requests(
     assert first.status == "published" and first.version == 1 and not first.incremental
     assert first.experts == ["math", "code", "chat"]
 
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         app(
             {
@@ -68,9 +65,9 @@ def test_register_merge_new_and_serving_reloads_without_failed_requests(
             }
         ),
         name="versions",
-        route_prefix="/",
+        route_prefix="/versions",
     )
-    url = f"http://127.0.0.1:{port}/v1/completions"
+    url = f"{serve_url}/versions/v1/completions"
     seen: list[tuple[int, int | None]] = []
     stop = threading.Event()
 

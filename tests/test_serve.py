@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from fixtures_infra import free_port
 from merge_helpers import merge_with, write_calibration
 
 from mediator_ray.testing import Zoo, sample_prompts
@@ -21,7 +20,7 @@ TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_zoo: Zoo, tmp_path_factory: pytest.TempPathFactory):
+def server(serve_url: str, tiny_zoo: Zoo, tmp_path_factory: pytest.TempPathFactory):
     """The app as a Serve config would build it (``mediator_ray.serve:app`` with args)."""
     from ray import serve
 
@@ -31,8 +30,6 @@ def server(ray_cluster, tiny_zoo: Zoo, tmp_path_factory: pytest.TempPathFactory)
     checkpoint = merge_with(
         tiny_zoo, folder / "ckpt", write_calibration(folder / "cal", tiny_zoo), 0.1
     )
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     args = {
         "checkpoint": str(checkpoint),
         "model_name": "tiny",
@@ -49,9 +46,10 @@ def server(ray_cluster, tiny_zoo: Zoo, tmp_path_factory: pytest.TempPathFactory)
         route_prefix="/secure",
     )
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "zoo": tiny_zoo}
+        yield {"url": serve_url, "zoo": tiny_zoo}
     finally:
-        serve.shutdown()
+        serve.delete(APP)
+        serve.delete("secure")
 
 
 def post(server: dict, path: str, body: object, **kwargs) -> requests.Response:

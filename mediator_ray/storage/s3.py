@@ -9,9 +9,10 @@ botocore does not cover.
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import random
-import threading
 import time
 from typing import Any
 
@@ -40,6 +41,41 @@ _STREAM_ERRORS = (
 )
 
 
+#: Environment variables boto3 reads; part of the client cache key so a change takes effect.
+_ENVIRONMENT = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+)
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_client(options: StorageOptions, environment: tuple) -> Any:
+    """One boto3 client per (options, AWS environment) per process.
+
+    Building a session parses botocore's service JSON (~0.1 s); clients are thread-safe, so
+    every store with the same settings shares one, with a pool sized for their concurrency.
+    """
+    session = boto3.session.Session(
+        aws_access_key_id=options.access_key_id,
+        aws_secret_access_key=options.secret_access_key,
+        aws_session_token=options.session_token,
+        region_name=options.region,
+    )
+    config = Config(
+        retries={"max_attempts": options.max_attempts, "mode": "standard"},
+        max_pool_connections=max(10, options.concurrency + 4),
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    return session.client("s3", endpoint_url=options.endpoint_url, config=config)
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
     if not uri.startswith("s3://"):
@@ -59,28 +95,13 @@ class S3Store(ObjectStore):
         super().__init__(uri, options, stats)
         self.bucket, self.prefix = split_s3_uri(self.uri)
         self._client: Any = None
-        self._client_lock = threading.Lock()
 
     # ---- client and error translation -------------------------------------------------------
     @property
     def client(self) -> Any:
         if self._client is None:
-            with self._client_lock:
-                if self._client is None:
-                    o = self.options
-                    session = boto3.session.Session(
-                        aws_access_key_id=o.access_key_id,
-                        aws_secret_access_key=o.secret_access_key,
-                        aws_session_token=o.session_token,
-                        region_name=o.region,
-                    )
-                    config = Config(
-                        retries={"max_attempts": o.max_attempts, "mode": "standard"},
-                        max_pool_connections=max(10, o.concurrency + 4),
-                        connect_timeout=10,
-                        read_timeout=60,
-                    )
-                    self._client = session.client("s3", endpoint_url=o.endpoint_url, config=config)
+            environment = tuple((name, os.environ.get(name)) for name in _ENVIRONMENT)
+            self._client = _shared_client(self.options, environment)
         return self._client
 
     def _full_key(self, key: str) -> str:
