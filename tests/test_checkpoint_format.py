@@ -13,12 +13,15 @@ from safetensors.torch import load_file, save_file
 
 from mediator_ray.checkpoint import (
     DTYPES,
+    HEADER_PROBE_BYTES,
     MAX_HEADER_BYTES,
     TensorRef,
+    header_read_bytes,
     parse_header,
     read_header,
     read_tensor,
     read_tensors,
+    serialize_tensors,
 )
 from mediator_ray.errors import CheckpointFormatError, StorageError
 from mediator_ray.storage import LocalStore, StorageOptions
@@ -115,10 +118,10 @@ def test_subset_read_counts_exactly_header_plus_requested_bytes(mixed_file) -> N
     store, tensors = mixed_file
     store.stats.reset()
     header = read_header(store, "model.safetensors")
-    assert store.stats.bytes_read == 8 + header.header_len
+    assert store.stats.bytes_read == header_read_bytes(header) and store.stats.read_requests == 1
     wanted = [header.tensors["w.fp16"], header.tensors["mask.bool"], header.tensors["ids.i64"]]
     got = read_tensors(store, wanted)
-    assert store.stats.bytes_read == 8 + header.header_len + sum(r.nbytes for r in wanted)
+    assert store.stats.bytes_read == header_read_bytes(header) + sum(r.nbytes for r in wanted)
     assert torch.equal(got["w.fp16"], tensors["w.fp16"])
     assert torch.equal(got["mask.bool"], tensors["mask.bool"])
     assert torch.equal(read_tensor(store, header.tensors["scalar"]), tensors["scalar"])
@@ -238,3 +241,14 @@ def test_reader_rejects_a_short_buffer(tmp_path: Path) -> None:
     ref = TensorRef("a", "F32", (4,), "x.safetensors", size - 8, size + 8)  # runs past the end
     with pytest.raises(StorageError, match=r"x\.safetensors"):
         read_tensors(store, [ref])
+
+
+def test_a_header_longer_than_the_probe_takes_a_second_read(tmp_path: Path) -> None:
+    many = {f"t{i:05d}.weight": torch.zeros(1) for i in range(3000)}  # ~150 KB of header
+    (tmp_path / "model.safetensors").write_bytes(serialize_tensors(many))
+    store = LocalStore(str(tmp_path))
+    header = read_header(store, "model.safetensors")
+    assert header.header_len > HEADER_PROBE_BYTES
+    assert store.stats.read_requests == 2
+    assert store.stats.bytes_read == 8 + header.header_len == header_read_bytes(header)
+    assert list(header.tensors) == sorted(many)

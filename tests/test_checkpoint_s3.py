@@ -8,7 +8,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mediator_ray.checkpoint import open_checkpoint, read_tensors, save_checkpoint
+from mediator_ray.checkpoint import (
+    header_read_bytes,
+    open_checkpoint,
+    read_tensors,
+    save_checkpoint,
+)
 from mediator_ray.storage import LocalStore, copy_tree, open_store
 from mediator_ray.testing import Zoo
 
@@ -26,7 +31,7 @@ def test_ranged_reads_from_s3_equal_load_file_and_fetch_only_what_is_asked(
     upload(tiny_bf16_zoo.experts["math"], uri)
     catalog = open_checkpoint(uri)
     store = catalog.store
-    header_bytes = sum(8 + h.header_len for h in catalog.headers.values())
+    header_bytes = sum(header_read_bytes(h) for h in catalog.headers.values())
     config_bytes = store.size("config.json") + store.size("model.safetensors.index.json")
     assert store.stats.bytes_read == header_bytes + config_bytes  # catalog: metadata only
 

@@ -15,9 +15,11 @@ from mediator_ray.checkpoint.reader import read_tensor, read_tensors, tensor_fro
 from mediator_ray.checkpoint.safetensors_format import (
     DTYPE_CODES,
     DTYPES,
+    HEADER_PROBE_BYTES,
     MAX_HEADER_BYTES,
     SafetensorsHeader,
     TensorRef,
+    header_read_bytes,
     parse_header,
     read_header,
 )
@@ -39,6 +41,7 @@ __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
     "DTYPES",
     "DTYPE_CODES",
+    "HEADER_PROBE_BYTES",
     "INDEX_FILE",
     "MAX_HEADER_BYTES",
     "SINGLE_FILE",
@@ -53,6 +56,7 @@ __all__ = [
     "check_compatible",
     "classify",
     "group_layers",
+    "header_read_bytes",
     "open_checkpoint",
     "parse_header",
     "plan_shards",
