@@ -242,6 +242,17 @@ def test_requests_for_one_mix_go_to_the_replica_holding_it(server: dict) -> None
             )
             replicas.setdefault(mix, set()).add(r.json()["mediator"]["replica"])
     assert all(len(ids) == 1 for ids in replicas.values()), replicas
+    from ray import serve
+
+    pool = serve.get_deployment_handle("ExpertPool", app_name=APP)
+    stats = [pool.stats.remote().result() for _ in range(8)]
+    holding = {s["replica"]: s["cached_mixes"] for s in stats}
+    from mediator_ray.router import mix_key, parse_mix
+
+    for mix in mixes:
+        key = mix_key(parse_mix(mix.removeprefix("tiny:"), list(server["zoo"].experts)))
+        assert any(key in held for held in holding.values()), (key, holding)
+    assert all(len(held) <= 4 for held in holding.values())  # cache_size
 
 
 def test_serve_config_file_builds_the_same_app(tmp_path: Path) -> None:

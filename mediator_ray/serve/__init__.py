@@ -12,7 +12,7 @@ from ray import serve
 from ray.serve import Application
 
 from mediator_ray.serve.api import ServeOptions
-from mediator_ray.serve.deployments import ExpertPool
+from mediator_ray.serve.deployments import pool_class
 from mediator_ray.serve.ingress import Ingress
 
 
@@ -27,7 +27,7 @@ def build(options: ServeOptions) -> Application:
         pool_options["autoscaling_config"] = options.autoscaling
     else:
         pool_options["num_replicas"] = options.replicas
-    pool = serve.deployment(ExpertPool).options(**pool_options).bind(options)
+    pool = serve.deployment(pool_class(options.cache_size)).options(**pool_options).bind(options)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, **env})
     return ingress.bind(pool, options)
 

@@ -130,9 +130,12 @@ class ExpertPool:
             routings = await asyncio.to_thread(self.model.route, prompts)
         return [routing_payload(r) for r in routings]
 
-    @serve.multiplexed(max_num_models_per_replica=64)
     async def _load_mix(self, mix: str) -> dict[str, float]:
-        """Materialise ``mix`` into this replica's LRU (the "model load" of multiplexing)."""
+        """Materialise ``mix`` into this replica's LRU (the "model load" of multiplexing).
+
+        Wrapped with ``@serve.multiplexed`` by :func:`pool_class`, whose bound must equal the
+        runtime's ``cache_size``: a larger one would make Serve send a mix to a replica that
+        has already evicted it."""
         weights = parse_mix(mix, self.model.expert_names)
         async with self.lock:
             await asyncio.to_thread(self.model.prepare, weights)
@@ -223,3 +226,15 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def pool_class(cache_size: int) -> type[ExpertPool]:
+    """ExpertPool whose multiplexing bound is ``cache_size`` (the decorator takes a constant)."""
+
+    class MultiplexedExpertPool(ExpertPool):
+        @serve.multiplexed(max_num_models_per_replica=cache_size)
+        async def _load_mix(self, mix: str) -> dict[str, float]:
+            return await ExpertPool._load_mix(self, mix)
+
+    MultiplexedExpertPool.__name__ = MultiplexedExpertPool.__qualname__ = "ExpertPool"
+    return MultiplexedExpertPool
