@@ -136,17 +136,10 @@ def merge(
 
 def read_manifest(uri: str) -> dict[str, Any]:
     """The committed manifest of a checkpoint; an error if the checkpoint is incomplete."""
-    from mediator_ray.errors import CheckpointFormatError, ObjectNotFoundError
-    from mediator_ray.pipeline import MANIFEST
+    from mediator_ray.checkpoint import read_manifest as read_committed_manifest
     from mediator_ray.storage import open_store
 
-    store = open_store(uri)
-    try:
-        return json.loads(store.read_text(MANIFEST))
-    except ObjectNotFoundError:
-        raise CheckpointFormatError(
-            f"{store.url(MANIFEST)} not found: {uri} is not a committed mediator-ray checkpoint"
-        ) from None
+    return read_committed_manifest(open_store(uri))
 
 
 @app.command()

@@ -4,11 +4,13 @@ from mediator_ray.checkpoint.catalog import (
     CONFIG_FILE,
     CORE_CONFIG_FIELDS,
     INDEX_FILE,
+    MANIFEST_FILE,
     SINGLE_FILE,
     TOKENIZER_FILES,
     CheckpointCatalog,
     check_compatible,
     open_checkpoint,
+    read_manifest,
 )
 from mediator_ray.checkpoint.layers import LayerGroup, LayerKind, classify, group_layers
 from mediator_ray.checkpoint.reader import read_tensor, read_tensors, tensor_from_bytes
@@ -43,6 +45,7 @@ __all__ = [
     "DTYPE_CODES",
     "HEADER_PROBE_BYTES",
     "INDEX_FILE",
+    "MANIFEST_FILE",
     "MAX_HEADER_BYTES",
     "SINGLE_FILE",
     "TOKENIZER_FILES",
@@ -61,6 +64,7 @@ __all__ = [
     "parse_header",
     "plan_shards",
     "read_header",
+    "read_manifest",
     "read_tensor",
     "read_tensors",
     "save_checkpoint",

@@ -19,11 +19,17 @@ from typing import Any
 
 from mediator_ray.checkpoint.layers import LayerGroup, group_layers
 from mediator_ray.checkpoint.safetensors_format import SafetensorsHeader, TensorRef, read_header
-from mediator_ray.errors import CheckpointFormatError, IncompatibleCheckpointError
+from mediator_ray.errors import (
+    CheckpointFormatError,
+    IncompatibleCheckpointError,
+    ObjectNotFoundError,
+)
 from mediator_ray.storage import ObjectStore, StorageOptions, open_store
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
+#: The Mediator manifest: written last, its presence marks a committed checkpoint.
+MANIFEST_FILE = "mediator.json"
 SINGLE_FILE = "model.safetensors"
 
 #: Files that travel with the weights: a merged checkpoint copies them from the base.
@@ -285,3 +291,14 @@ def check_compatible(base: CheckpointCatalog, experts: Mapping[str, CheckpointCa
     error = IncompatibleCheckpointError(message)
     error.problems = problems  # type: ignore[attr-defined]
     raise error
+
+
+def read_manifest(store: ObjectStore) -> dict[str, Any]:
+    """The committed Mediator manifest in ``store``; an error naming it if there is none."""
+    try:
+        return json.loads(store.read_text(MANIFEST_FILE))
+    except ObjectNotFoundError:
+        raise CheckpointFormatError(
+            f"{store.url(MANIFEST_FILE)} not found: {store.uri} is not a committed "
+            "mediator-ray checkpoint"
+        ) from None

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from mediator_ray import __version__
 from mediator_ray.checkpoint import (
+    MANIFEST_FILE,
     CheckpointCatalog,
     CheckpointWriter,
     check_compatible,
@@ -55,7 +56,7 @@ from mediator_ray.pipeline.work import (
 )
 from mediator_ray.storage import open_store
 
-MANIFEST = "mediator.json"
+MANIFEST = MANIFEST_FILE
 T = TypeVar("T")
 
 

@@ -23,13 +23,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from mediator_ray.errors import CheckpointFormatError, ObjectNotFoundError
+from mediator_ray.checkpoint import read_manifest
 from mediator_ray.merge import apply_sparse, dtype_from_name
 from mediator_ray.router import Routing, TaskRouter, mix_key
 from mediator_ray.storage import LocalStore, StorageOptions, local_folder, open_store
 
 log = logging.getLogger(__name__)
-MANIFEST = "mediator.json"
 EncodedSparse = dict[str, torch.Tensor]
 
 
@@ -124,12 +123,7 @@ class MediatorModel:
 
         resolved, version = resolve_checkpoint(open_store(uri, storage))
         store = open_store(resolved, storage)
-        try:
-            manifest = json.loads(store.read_text(MANIFEST))
-        except ObjectNotFoundError:
-            raise CheckpointFormatError(
-                f"{store.url(MANIFEST)} not found: {uri} is not a committed checkpoint"
-            ) from None
+        manifest = read_manifest(store)
         folder = local_folder(store, cache_dir)
         target = resolve_device(device)
         model = AutoModelForCausalLM.from_pretrained(
