@@ -31,11 +31,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _demo_prompts(zoo: Any) -> list[tuple[str, str, str]]:
-    """(task, prompt, expected answer): one unseen test prompt per task."""
+def _demo_prompts(zoo: Any, per_task: int = 2) -> list[tuple[str, str, str]]:
+    """(task, prompt, expected answer): unseen test prompts (beyond those the table scores)."""
     return [
-        (t, zoo.tasks.splits[t]["test"][-1].prompt, zoo.tasks.splits[t]["test"][-1].answer)
-        for t in zoo.tasks.tasks
+        (task, example.prompt, example.answer)
+        for task in zoo.tasks.tasks
+        for example in zoo.tasks.splits[task]["test"][-per_task:]
     ]
 
 
@@ -88,7 +89,7 @@ def run_demo(workdir: Path, serve: bool, console: Console) -> None:
 
     checkpoint = workdir / "merges" / "mediator"
     model = MediatorModel.from_pretrained(str(checkpoint), device="cpu")
-    console.print("\n[bold]routed generations[/] (unseen prompts, one per task):")
+    console.print("\n[bold]routed generations[/] (unseen prompts, two per task):")
     cases = _demo_prompts(zoo)
     for (task, prompt, expected), out in zip(
         cases, model.generate([p for _, p, _ in cases], max_new_tokens=24), strict=True
@@ -100,7 +101,7 @@ def run_demo(workdir: Path, serve: bool, console: Console) -> None:
             f"(task: {task}, uncertainty {out.routing.uncertainty:.2f})"
         )
     if serve:
-        _serve_and_query(checkpoint, cases, console)
+        _serve_and_query(checkpoint, cases[1::2], console)
     console.print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; outputs in {workdir}")
 
 

@@ -424,7 +424,8 @@ def evaluate_zoo(
     """Merge (cached) and evaluate every system; see the module docstring.
 
     ``systems`` restricts the rows (names as in the table, without the "(router)" suffix:
-    ``base``, ``experts``, the static methods, ``mediator``, ``route-every-layer``);
+    ``base``, ``experts``, the static methods, ``mediator``, ``mediator-defaults``,
+    ``route-every-layer``);
     ``splits`` the columns. With ``cache``, each finished row is stored there and a rerun
     with the same inputs and settings reuses it: a long evaluation (SmolLM2) resumes where it
     stopped instead of starting over."""
@@ -439,7 +440,9 @@ def evaluate_zoo(
     workdir.mkdir(parents=True, exist_ok=True)
     rows = ResultCache(cache, {"limits": asdict(limits), "splits": list(splits)})
 
-    def plain(name: str, kind: str, folder: Path, copies: int = 1) -> SystemResult:
+    def plain(
+        name: str, kind: str, folder: Path, extra: dict[str, Any] | None = None
+    ) -> SystemResult:
         hit = rows.get(name, [folder])
         if hit:
             say(f"{name}: cached (test mean {hit[0].mean('test'):.3f})")
@@ -453,9 +456,10 @@ def evaluate_zoo(
             name,
             kind,
             scores,
-            safetensors_bytes(folder) * copies,
-            parameter_bytes(model) * copies,
+            safetensors_bytes(folder),
+            parameter_bytes(model),
             time.perf_counter() - t0,
+            extra or {},
         )
         say(f"{name}: test mean {result.mean('test'):.3f} ({result.seconds:.0f}s)")
         rows.put(name, [folder], [result])
@@ -494,8 +498,7 @@ def evaluate_zoo(
             settings.dtype,
         )
         folder = run_cached_merge(data, say)
-        results.append(plain(method, "static", folder))
-        results[-1].extra["options"] = settings.static[method]
+        results.append(plain(method, "static", folder, {"options": settings.static[method]}))
     for name, options, oracle in (
         ("mediator", settings.mediator, True),
         ("mediator-defaults", settings.mediator_defaults, False),
