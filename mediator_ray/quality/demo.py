@@ -46,9 +46,19 @@ def run_demo(workdir: Path, serve: bool, console: Console) -> None:
 
     Needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` set before ``ray`` is first imported when a
     local Ray is to stay on 127.0.0.1 (the CLI does that at import)."""
+    import torch
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    workdir = Path(workdir).absolute()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's matrices are too small to share out
+    try:
+        _run(Path(workdir).absolute(), serve, console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(workdir: Path, serve: bool, console: Console) -> None:
     started = time.perf_counter()
     zoo_dir = workdir / "tiny-zoo"
     zoo = load_trained_zoo(zoo_dir)
