@@ -75,6 +75,9 @@ from safetensors.torch import load_file
 from mediator_ray.checkpoint import save_checkpoint
 from mediator_ray.storage import LocalStore
 from mediator_ray.testing.smollm2 import smollm2_checkpoint
+
+# The zoo's own planting function, reused (not copied) so the experts are planted exactly as the
+# test zoo's are; it takes any base tensor, a ZooSpec only supplies the recipe.
 from mediator_ray.testing.zoo import ZooSpec, _task_vector
 
 HERE = Path(__file__).resolve().parent
@@ -256,9 +259,22 @@ class TreeSampler:
     peak_private: int = 0
     max_processes: int = 0
     cpu_seconds: dict[int, float] = field(default_factory=dict)  # latest user+system per PID
+    #: CPU seconds of processes that already ran before the measurement (a running Ray
+    #: cluster's), subtracted so that only what they spent during the run counts.
+    cpu_before: dict[int, float] = field(default_factory=dict)
     _pids: list[int] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+
+    def snapshot_cpu(self) -> None:
+        """Record the CPU time of every process now in the trees (call before the run)."""
+        for pid in self._tree():
+            read = read_status(pid)
+            if read is not None:
+                self.cpu_before[pid] = read[1]
+
+    def cpu_total(self) -> float:
+        return sum(cpu - self.cpu_before.get(pid, 0.0) for pid, cpu in self.cpu_seconds.items())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -320,18 +336,20 @@ def run_measured(
     command: list[str], env: dict[str, str], log: Path, interval: float, also: list[int]
 ) -> Run:
     """Run ``command`` to completion, timing it and sampling its tree (and ``also``'s trees)."""
+    sampler = TreeSampler(list(also), interval)
+    sampler.snapshot_cpu()
     machine_before = _busy_cpu_seconds()
     with log.open("w") as log_file:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        sampler = TreeSampler([process.pid, *also], interval)
+        sampler.roots.insert(0, process.pid)
         sampler.start()
         rc = process.wait()
         seconds = time.perf_counter() - start
         sampler.stop()
     if rc != 0:
         raise RuntimeError(f"{command[0]} failed ({rc}); log:\n{log.read_text()[-4000:]}")
-    tree_cpu = sum(sampler.cpu_seconds.values())
+    tree_cpu = sampler.cpu_total()
     return Run(
         seconds,
         sampler.peak_private,
