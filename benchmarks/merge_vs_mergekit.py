@@ -6,7 +6,11 @@ conflict), built once and cached under ``benchmarks/.cache``. Both tools read th
 safetensors folders and write a bf16 checkpoint; both compute in float32 (ours always does;
 mergekit is given ``dtype: float32, out_dtype: bfloat16``; ``--mergekit-dtype bfloat16`` makes
 it compute in bf16 instead, which is less work but not the same merge). The outputs are
-compared at the end: they are expected to be identical.
+compared at the end: identical for ``task_arithmetic``; for ``ties`` identical except where an
+expert's |δ| ties at its top-k cut — bf16 deltas repeat values, and mergekit's unstable
+``argsort`` keeps an unspecified subset of the tied entries where ours keeps the lowest indices
+(``mediator_ray/merge/methods.py``); the script counts those entries and checks that every
+difference is one of them.
 
     python benchmarks/merge_vs_mergekit.py [--repeats 3] [--methods ties task_arithmetic mediator]
         [--ray local|cluster] [--tasks-in-flight 4] [--cpus-per-task 1]
@@ -472,22 +476,65 @@ def ray_cluster(work: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
         log.close()
 
 
-def compare_outputs(method: str, work: Path) -> float:
-    """Max |ours − mergekit| over all tensors (as float32) — a check that both tools did the
-    same merge, so the timings compare like with like."""
+@dataclass(frozen=True)
+class Agreement:
+    """How our output compares with mergekit's, entry by entry."""
 
-    def load(folder: Path) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            tensors.update(load_file(file))
-        return tensors
+    max_abs_diff: float
+    differing: int
+    entries: int
+    differing_at_ties: int  # of ``differing``: entries whose |δ_i| ties at some expert's cut
 
-    ours, theirs = load(work / f"ours-{method}"), load(work / f"mergekit-{method}")
+    def describe(self) -> str:
+        text = f"max |ours − mergekit| = {self.max_abs_diff:.3g}"
+        if self.differing:
+            text += (
+                f"; {self.differing} of {self.entries} entries differ "
+                f"({self.differing / self.entries:.2%}), {self.differing_at_ties} of them where "
+                "an expert's |delta| ties at its top-k cut (mergekit's unstable argsort keeps an "
+                "unspecified subset of such ties, ours the lowest indices)"
+            )
+        return text
+
+
+def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def compare_outputs(method: str, work: Path, inputs: Inputs) -> Agreement:
+    """Compare ours with mergekit's output — a check that both tools did the same merge, so the
+    timings compare like with like. Where they differ, count the entries that sit at a TIES
+    tie (an expert whose |θ_i − θ0| equals the magnitude of its top-k cut)."""
+    ours, theirs = _load_folder(work / f"ours-{method}"), _load_folder(work / f"mergekit-{method}")
     if sorted(ours) != sorted(theirs):
         raise RuntimeError(f"{method}: tensor names differ: {sorted(set(ours) ^ set(theirs))}")
     if any(t.dtype != torch.bfloat16 for t in (*ours.values(), *theirs.values())):
         raise RuntimeError(f"{method}: an output tensor is not bfloat16")
-    return max((ours[n].float() - theirs[n].float()).abs().max().item() for n in ours)
+    base = experts = None
+    max_diff, differing, at_ties = 0.0, 0, 0
+    for name in ours:
+        diff = (ours[name].float() - theirs[name].float()).abs().reshape(-1)
+        max_diff = max(max_diff, diff.max().item())
+        where = diff.nonzero().reshape(-1)
+        differing += where.numel()
+        if not where.numel() or "density" not in METHOD_OPTIONS[method]:
+            continue
+        if base is None:
+            base = _load_folder(inputs.base)
+            experts = [_load_folder(path) for path in inputs.experts.values()]
+        flat_base = base[name].float().reshape(-1)
+        tied = torch.zeros(where.numel(), dtype=torch.bool)
+        for expert in experts:
+            magnitudes = (expert[name].float().reshape(-1) - flat_base).abs()
+            k = max(1, int(METHOD_OPTIONS[method]["density"] * magnitudes.numel()))
+            cut = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
+            tied |= magnitudes[where] == cut
+        at_ties += int(tied.sum())
+    entries = sum(t.numel() for t in ours.values())
+    return Agreement(max_diff, differing, entries, at_ties)
 
 
 # --------------------------------------------------------------------------- report
@@ -583,7 +630,7 @@ def main() -> None:
     ray_tmp = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))
     env = subprocess_env(ray_tmp)
     runs: dict[tuple[str, str], list[Run]] = {}
-    diffs: dict[str, float] = {}
+    diffs: dict[str, Agreement] = {}
     try:
         with ray_cluster(work, env) if args.ray == "cluster" else _nothing() as cluster:
             ctx = Context(inputs, work, args, env, *(cluster or (None, None)))
@@ -603,7 +650,7 @@ def main() -> None:
                             file=sys.stderr,
                         )
                 if "mergekit" in tools:
-                    diffs[method] = compare_outputs(method, work)
+                    diffs[method] = compare_outputs(method, work, inputs)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
         if args.keep is None:
@@ -618,8 +665,8 @@ def main() -> None:
     )
     print(markdown_table(results))
     print()
-    for method, diff in diffs.items():
-        print(f"{method}: max |ours − mergekit| over all output tensors = {diff:.3g}")
+    for method, agreement in diffs.items():
+        print(f"{method}: {agreement.describe()}")
 
 
 @contextmanager

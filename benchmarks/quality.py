@@ -60,20 +60,7 @@ def tiny(args: argparse.Namespace) -> tuple:
         log=log,
     )
     if args.sweep:
-        from mediator_ray.quality import sweep
-
-        points = sweep.run_sweep(
-            zoo.base, zoo.experts, zoo.calibration, zoo.tasks, root / "sweep", limits, log
-        )
-        args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / "quality-tiny-sweep.md").write_text(
-            "Mediator options on the tiny zoo (router, in-distribution test prompts). "
-            "Reproduce: `python benchmarks/quality.py --zoo tiny --sweep`\n\n"
-            + sweep.markdown(points, report)
-        )
-        (args.results / "quality-tiny-sweep.parquet").write_bytes(
-            sweep.parquet_bytes(points, "tiny")
-        )
+        write_sweep(args, "tiny", report, (zoo.base, zoo.experts, zoo.calibration, zoo.tasks))
     preamble = (
         f"Tiny trained zoo: Llama {zoo.spec.num_layers} blocks, hidden {zoo.spec.hidden_size}, "
         f"pre-trained {zoo.spec.pretrain.steps} steps on all tasks, experts fine-tuned "
@@ -83,6 +70,31 @@ def tiny(args: argparse.Namespace) -> tuple:
         "Reproduce: `python benchmarks/quality.py --zoo tiny`\n\n"
     )
     return report, preamble
+
+
+def write_sweep(
+    args: argparse.Namespace,
+    zoo: str,
+    reference: object,
+    inputs: tuple,
+    options_grid: tuple | None = None,
+) -> None:
+    """Run Mediator's option sweep on ``inputs`` (base, experts, calibration, suite) and write
+    ``quality-<zoo>-sweep.{md,parquet}`` next to the quality table."""
+    from mediator_ray.quality import sweep
+    from mediator_ray.quality.evaluate import EvalLimits
+
+    limits = EvalLimits(test=args.test, ood=args.ood, mixed=args.mixed)
+    points = sweep.run_sweep(
+        *inputs, CACHE / f"quality-{zoo}" / "sweep", limits, log, options_grid=options_grid
+    )
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"quality-{zoo}-sweep.md").write_text(
+        f"Mediator options on the {zoo} zoo (router, in-distribution test prompts, "
+        f"{args.test} per task). Reproduce: `python benchmarks/quality.py --zoo {zoo} --sweep`"
+        "\n\n" + sweep.markdown(points, reference)
+    )
+    (args.results / f"quality-{zoo}-sweep.parquet").write_bytes(sweep.parquet_bytes(points, zoo))
 
 
 def smollm2(args: argparse.Namespace) -> tuple:
@@ -149,6 +161,11 @@ def smollm2(args: argparse.Namespace) -> tuple:
         log=log,
         cache=root / "rows",
     )
+    if args.sweep:
+        from mediator_ray.quality.sweep import SMOLLM2_GRID
+
+        inputs = (base, experts, calibration, suite)
+        write_sweep(args, "smollm2", report, inputs, SMOLLM2_GRID)
     preamble = (
         "SmolLM2-135M-Instruct (float32) as the base; four experts fully fine-tuned on CPU "
         f"({config.steps} steps × batch {config.batch_size}, AdamW lr {config.lr}; "
@@ -168,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=80, help="smollm2 fine-tuning steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--sweep", action="store_true", help="tiny: also sweep Mediator's plan and density"
+        "--sweep", action="store_true", help="also sweep Mediator's plan and density"
     )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -277,36 +277,25 @@ def fit_router_command(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the zoo and outputs go")] = Path("data/demo"),
-    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    serve: Annotated[
+        bool, typer.Option(help="also serve the Mediator checkpoint and query it over HTTP")
+    ] = False,
+    examples: Annotated[
+        int,
+        typer.Option(min=1, help="test prompts scored per task (half as many OOD, as many mixed)"),
+    ] = 100,
 ) -> None:
-    """The main job on the embedded default: build a tiny expert zoo, merge it with Mediator."""
-    from mediator_ray.config import parse_config
-    from mediator_ray.pipeline import run_merge
-    from mediator_ray.testing import build_zoo
+    """The main job on the embedded default: train (or reuse) the tiny expert zoo, merge it
+    with every method and with Mediator on a local Ray, print the quality table and routed
+    generations."""
+    from mediator_ray.quality.demo import run_demo
+    from mediator_ray.quality.evaluate import EvalLimits
 
-    workdir = workdir.absolute()
-    console.print(f"building the tiny expert zoo in {workdir / 'zoo'} …")
-    zoo = build_zoo(workdir / "zoo")
-    config = parse_config(
-        {
-            "base": str(zoo.base),
-            "experts": [{"name": n, "uri": str(p)} for n, p in zoo.experts.items()],
-            "method": "mediator",
-            "output": str(workdir / "mediator"),
-            "dtype": "float32",
-        },
-        source="demo",
-    )
+    limits = EvalLimits(test=examples, ood=max(1, examples // 2), mixed=examples)
     try:
-        outcome = run_merge(config, console=console, show_progress=progress)
+        run_demo(workdir, serve=serve, console=console, limits=limits)
     except MediatorError as e:
         raise typer.Exit(_fail(e)) from None
-    routed = [layer["name"] for layer in outcome.manifest["layers"] if layer["action"] == "route"]
-    console.print(
-        f"[green]Mediator checkpoint[/] → {outcome.output}; routed {routed} "
-        f"(planted conflicts: blocks {list(zoo.conflict_blocks)})"
-    )
-    console.print(f"inspect it: mediator-ray inspect {outcome.output}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Session-scoped tiny model zoos (base + planted experts), see ``mediator_ray.testing.zoo``.
+"""Session-scoped tiny model zoos: planted experts (``mediator_ray.testing.zoo``) and the
+trained quality zoo (``mediator_ray.quality.tiny_zoo``).
 
 Loaded as a pytest plugin from ``tests/conftest.py``. Each zoo is built once per session
 (well under a second after imports) in its own temporary folder; treat it as read-only —
@@ -7,8 +8,11 @@ tests that need to modify a zoo should build their own with ``build_zoo(tmp_path
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from mediator_ray.quality.tiny_zoo import TrainedZoo, build_trained_zoo
 from mediator_ray.testing import Zoo, ZooSpec, build_zoo
 
 #: Default zoo: Llama, 8 blocks, 4 experts, conflicts planted on blocks 2 and 5, float32.
@@ -37,3 +41,13 @@ def tiny_qwen_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
 def tiny_bf16_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     """Llama zoo stored in bfloat16 (same planting as ``tiny_zoo``)."""
     return build_zoo(tmp_path_factory.mktemp("zoo-llama-bf16"), TINY_BF16_SPEC)
+
+
+#: The trained zoo is kept between sessions (rebuilt only when its spec changes): ~150 s.
+TRAINED_ZOO_CACHE = Path(__file__).parent / ".cache" / "quality-tiny" / "zoo"
+
+
+@pytest.fixture(scope="session")
+def trained_zoo() -> TrainedZoo:
+    """A small Llama pre-trained on four generated tasks and fine-tuned into four experts."""
+    return build_trained_zoo(TRAINED_ZOO_CACHE)

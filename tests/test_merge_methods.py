@@ -21,7 +21,7 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 from pydantic import ValidationError
 
 from mediator_ray.errors import ConfigError, IncompatibleCheckpointError
-from mediator_ray.merge import MethodOptions, merge_layer, merge_tensor, tensor_seed
+from mediator_ray.merge import MethodOptions, merge_layer, merge_tensor, methods, tensor_seed
 from mediator_ray.merge.methods import bernoulli_sparsify, magnitude_sparsify, tensor_generator
 
 TOL = 1e-5
@@ -223,3 +223,70 @@ def test_merge_layer_merges_every_tensor():
     expected = base + (experts[0] - base) + (experts[1] - base)
     torch.testing.assert_close(merged["a.weight"], expected)
     torch.testing.assert_close(merged["a.bias"], expected[0])
+
+
+# ---------------------------------------------------------------- chunking and ties at the cut
+
+CHUNKED_CASES = [
+    ("linear", MethodOptions(weights=[0.2, 0.3, 0.5])),
+    ("task_arithmetic", MethodOptions(weights=[0.25] * 3, **{"lambda": 0.7})),
+    ("ties", MethodOptions(density=0.3)),
+    ("ties", MethodOptions(density=[0.1, 0.5, 1.0], normalize=False)),
+]
+
+
+@pytest.mark.parametrize(("method", "options"), CHUNKED_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_merge_is_the_whole_tensor_merge_bit_for_bit(monkeypatch, method, options, dtype):
+    base, experts = _tensors(3, shape=(24, 40), seed=11, dtype=dtype)
+    whole = merge_tensor(method, base, experts, options, tensor_name=NAME)
+    monkeypatch.setattr(methods, "CHUNK_ENTRIES", 7)  # 138 chunks, ragged last one
+    chunked = merge_tensor(method, base, experts, options, tensor_name=NAME)
+    assert torch.equal(chunked, whole)
+    if dtype == torch.float32:  # bf16 deltas tie at the cut, where mergekit's argsort is unstable
+        assert (chunked - _mergekit(method, base, experts, options)).abs().max() <= TOL
+
+
+def test_output_dtype_is_the_float32_result_rounded_once():
+    base, experts = _tensors(3, seed=12, dtype=torch.bfloat16)
+    options = MethodOptions(density=0.4)
+    as_f32 = merge_tensor("ties", base, experts, options, tensor_name=NAME)
+    as_bf16 = merge_tensor(
+        "ties", base, experts, options, tensor_name=NAME, out_dtype=torch.bfloat16
+    )
+    assert as_bf16.dtype == torch.bfloat16
+    assert torch.equal(as_bf16, as_f32.to(torch.bfloat16))
+
+
+def _stable_top_k(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    order = torch.argsort(tensor.abs().reshape(-1), descending=True, stable=True)
+    mask = torch.zeros(tensor.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.9])
+def test_ties_at_the_cut_keep_the_lowest_indices(monkeypatch, density):
+    # Few distinct magnitudes, so many entries tie at any cut (as bf16 deltas do).
+    g = torch.Generator().manual_seed(3)
+    tensor = torch.randint(-4, 5, (300,), generator=g).float() / 4
+    k = max(1, int(density * tensor.numel()))
+    expected = torch.where(_stable_top_k(tensor, k), tensor, torch.zeros_like(tensor))
+    assert torch.equal(magnitude_sparsify(tensor, density, rescale=False), expected)
+    # the same selection when the tensor is cut into chunks that split the ties
+    base = torch.zeros_like(tensor)
+    whole = merge_tensor("ties", base, [tensor], MethodOptions(density=density), tensor_name="t")
+    monkeypatch.setattr(methods, "CHUNK_ENTRIES", 16)
+    chunked = merge_tensor("ties", base, [tensor], MethodOptions(density=density), tensor_name="t")
+    assert torch.equal(chunked, whole)
+    assert torch.equal(whole, expected)
+
+
+def test_magnitude_cut_keeps_exactly_k():
+    magnitudes = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.5, 2.0, 2.0])
+    cut = methods.MagnitudeCut.of(magnitudes, 3 / 7)  # k = 3: the 3.0 and the first two 2.0s
+    assert cut == methods.MagnitudeCut(2.0, 3)
+    assert cut.mask(magnitudes).tolist() == [True, False, True, True, False, False, False]
+    assert cut.mask(magnitudes[4:], offset=4).tolist() == [False, False, False]
+    assert methods.MagnitudeCut.of(magnitudes, 1.0) is None
+    assert not methods.MagnitudeCut.of(magnitudes, 0.0).mask(magnitudes).any()

@@ -1,15 +1,14 @@
 """Quality on the tiny trained zoo: does Mediator beat static merging?
 
 The zoo (a small Llama pre-trained on four generated tasks, fine-tuned into four experts) is
-built once and cached under ``tests/.cache/quality-tiny`` (rebuilt only when its spec
-changes); every merge runs fresh through ``run_merge`` on the session's two-node Ray cluster.
+the session's ``trained_zoo``, cached under ``tests/.cache/quality-tiny`` (rebuilt only when its
+spec changes); every merge runs fresh through ``run_merge`` on the session's two-node Ray cluster.
 Nothing here is a recorded number: every assertion compares accuracies measured in this run.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,15 +17,14 @@ from mediator_ray.quality.evaluate import STATIC_METHODS, EvalLimits, QualityRep
 from mediator_ray.quality.tasks import TASKS, SplitSizes, build_suite, make_splits, score
 from mediator_ray.quality.tiny_zoo import TrainedZoo, build_trained_zoo
 
-CACHE = Path(__file__).parent / ".cache" / "quality-tiny"
 LIMITS = EvalLimits(test=200, ood=0, mixed=0)
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def zoo() -> TrainedZoo:
-    return build_trained_zoo(CACHE / "zoo")
+def zoo(trained_zoo: TrainedZoo) -> TrainedZoo:
+    return trained_zoo
 
 
 @pytest.fixture(scope="module")

@@ -31,16 +31,26 @@ casts); DARE masks come from a per-tensor generator seeded from (``seed``, tenso
 of the process-global RNG, so they are reproducible whichever worker computes a tensor and in
 which order — mergekit's whole-checkpoint DARE output depends on its execution order and cannot
 be reproduced bit for bit, only per tensor; linear with normalize and Σw = 0 raises instead of
-writing inf/NaN.
+writing inf/NaN; magnitude top-k (TIES) resolves entries of *equal* magnitude at the cut by
+flat index (the lowest indices are kept, as a stable descending sort would), where mergekit's
+``torch.argsort`` is unstable and keeps an unspecified subset of them — so on bf16 inputs,
+whose deltas repeat values, the two can differ in those tied entries and nowhere else.
+
+Large tensors are merged in flat chunks of ``CHUNK_ENTRIES`` (the operations are elementwise
+once TIES' per-tensor cut is known), so an embedding matrix never has N + 1 float32 copies alive
+at once and each chunk's work stays in cache; the chunked result is the whole-tensor result bit
+for bit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +64,9 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 # mergekit's sparsify.rescaled_masked_tensor tolerance for "norm is zero".
 _RESCALE_EPS = 1e-7
+#: Entries per flat chunk of an elementwise merge: 1 MiB of float32 per input, small enough to
+#: stay in cache with N experts, large enough that the Python loop costs nothing.
+CHUNK_ENTRIES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -177,22 +190,54 @@ def merge_tensor(
     options: MethodOptions,
     *,
     tensor_name: str,
+    out_dtype: torch.dtype = COMPUTE_DTYPE,
 ) -> torch.Tensor:
-    """Merge one tensor of the experts (the base excluded) into a float32 tensor.
+    """Merge one tensor of the experts (the base excluded) into a tensor of ``out_dtype``.
 
-    Computes on ``base.device``. Non-floating tensors (integer buffers) are copied when every
-    input agrees, as mergekit does, and are an error otherwise.
+    Computes in float32 on ``base.device`` whatever ``out_dtype`` is (each chunk is rounded to
+    it as it is written). Non-floating tensors (integer buffers) are copied when every input
+    agrees, as mergekit does, and are an error otherwise. Inputs are only read, never written.
     """
     _check_method(method)
     _check_inputs(base, experts, tensor_name)
     if not base.is_floating_point():
         return _copy_agreed_buffer(base, experts, tensor_name)
     device = base.device
-    base32 = base.to(dtype=COMPUTE_DTYPE)
-    experts32 = [e.to(device=device, dtype=COMPUTE_DTYPE) for e in experts]
-    if method == "linear":
-        return _linear(base32, experts32, options, tensor_name)
-    return _task_arithmetic(method, base32, experts32, options, tensor_name)
+    experts = [e.to(device=device) for e in experts]
+    spec = _task_arithmetic_spec(method)
+    whole_tensor = spec.sparsification == "random" or (
+        spec.sparsification == "magnitude" and options.resolved_rescale(method)
+    )
+    if whole_tensor:
+        # DARE's mask is one generator stream over the whole tensor, and rescaling needs the
+        # whole tensor's norms: neither splits into chunks.
+        result = _merge_chunk(
+            method,
+            base.to(COMPUTE_DTYPE),
+            [e.to(COMPUTE_DTYPE) for e in experts],
+            options,
+            tensor_name,
+        )
+        return result.to(out_dtype)
+    cuts = (
+        _magnitude_cuts(base, experts, options.keep_densities(method, len(experts)))
+        if spec.sparsification == "magnitude"
+        else None
+    )
+    out = torch.empty(base.shape, dtype=out_dtype, device=device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flat_experts = [e.reshape(-1) for e in experts]
+    for start, stop in _chunks(flat_base.numel()):
+        flat_out[start:stop] = _merge_chunk(
+            method,
+            flat_base[start:stop].to(COMPUTE_DTYPE),
+            [e[start:stop].to(COMPUTE_DTYPE) for e in flat_experts],
+            options,
+            tensor_name,
+            cuts,
+            start,
+        )
+    return out
 
 
 def merge_layer(
@@ -200,12 +245,39 @@ def merge_layer(
     base: Mapping[str, torch.Tensor],
     experts: Sequence[Mapping[str, torch.Tensor]],
     options: MethodOptions,
+    out_dtype: torch.dtype = COMPUTE_DTYPE,
 ) -> dict[str, torch.Tensor]:
     """:func:`merge_tensor` for every tensor of a layer, in the base's tensor order."""
     return {
-        name: merge_tensor(method, tensor, [e[name] for e in experts], options, tensor_name=name)
+        name: merge_tensor(
+            method,
+            tensor,
+            [e[name] for e in experts],
+            options,
+            tensor_name=name,
+            out_dtype=out_dtype,
+        )
         for name, tensor in base.items()
     }
+
+
+def _chunks(numel: int) -> list[tuple[int, int]]:
+    return [(s, min(numel, s + CHUNK_ENTRIES)) for s in range(0, numel, CHUNK_ENTRIES)]
+
+
+def _merge_chunk(
+    method: str,
+    base: torch.Tensor,
+    experts: list[torch.Tensor],
+    options: MethodOptions,
+    name: str,
+    cuts: Sequence[MagnitudeCut | None] | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """The float32 merge of a whole tensor, or of the flat slice starting at ``offset``."""
+    if method == "linear":
+        return _linear(base, experts, options, name)
+    return _task_arithmetic(method, base, experts, options, name, cuts, offset)
 
 
 def _check_inputs(base: torch.Tensor, experts: Sequence[torch.Tensor], name: str) -> None:
@@ -259,7 +331,12 @@ def _task_arithmetic(
     experts: list[torch.Tensor],
     options: MethodOptions,
     name: str,
+    cuts: Sequence[MagnitudeCut | None] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
+    """Generalized task arithmetic on float32 tensors; with ``cuts`` (magnitude methods), the
+    inputs are the flat slice at ``offset`` and each expert's top-k cut was taken over its
+    whole tensor."""
     spec = _task_arithmetic_spec(method)
     if not experts:
         return base.clone()
@@ -275,7 +352,11 @@ def _task_arithmetic(
 
     def weighted_delta(index: int) -> torch.Tensor:
         delta = experts[index] - base
-        if spec.sparsification == "magnitude":
+        if cuts is not None:
+            cut = cuts[index]
+            if cut is not None:
+                delta.mul_(cut.mask(delta.abs(), offset))
+        elif spec.sparsification == "magnitude":
             delta = magnitude_sparsify(delta, densities[index], rescale=rescale)
         elif spec.sparsification == "random":
             delta = bernoulli_sparsify(delta, densities[index], generator, rescale=rescale)
@@ -319,20 +400,85 @@ def _sign_consensus_sum(
     return mixed, divisor
 
 
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """Which entries magnitude top-k keeps, as a rule that any flat slice can apply alone.
+
+    Kept: every entry with |x| > ``threshold``, and of those with |x| == ``threshold`` the ones
+    at flat index ≤ ``last_tie`` — ties at the cut go to the lowest indices, as in a stable
+    descending sort. A partial selection (O(n)) finds the threshold; a full argsort (mergekit's
+    way, O(n log n) plus an int64 index per entry) is 5-10× slower on an embedding matrix.
+    """
+
+    threshold: float
+    last_tie: int
+
+    @classmethod
+    def of(cls, magnitudes: torch.Tensor, density: float) -> MagnitudeCut | None:
+        """The cut keeping max(1, int(density·n)) of the flat ``magnitudes`` (None: keep all)."""
+        n = magnitudes.numel()
+        if density >= 1:
+            return None
+        if density <= 0 or n == 0:
+            return cls(math.inf, -1)
+        k = max(1, int(density * n))
+        kth = n - k  # ascending position of the k-th largest
+        if magnitudes.device.type == "cpu":  # numpy: partition and counting are ~3× torch's
+            values = magnitudes.numpy()
+            selected = np.partition(values, kth)
+            threshold = selected[kth]
+            greater = int(np.count_nonzero(selected[kth + 1 :] > threshold))
+            ties = np.flatnonzero(values == threshold)
+        else:
+            threshold = torch.kthvalue(magnitudes, kth + 1).values
+            greater = int(torch.count_nonzero(magnitudes > threshold))
+            ties = torch.nonzero(magnitudes == threshold).reshape(-1)
+        return cls(float(threshold), int(ties[k - greater - 1]))
+
+    def mask(self, magnitudes: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Boolean keep-mask of the flat slice ``magnitudes`` that starts at ``offset``."""
+        keep = magnitudes > self.threshold
+        ties_end = self.last_tie - offset + 1
+        if ties_end > 0:
+            keep[:ties_end] |= magnitudes[:ties_end] == self.threshold
+        return keep
+
+
+def _magnitude_cuts(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], densities: Sequence[float]
+) -> list[MagnitudeCut | None]:
+    """Each expert's top-k cut of |θ_i − θ0| over the whole tensor, one float32 scratch reused."""
+    flat_base = base.reshape(-1)
+    magnitudes = torch.empty(flat_base.numel(), dtype=COMPUTE_DTYPE, device=base.device)
+    cuts: list[MagnitudeCut | None] = []
+    for expert, density in zip(experts, densities, strict=True):
+        if density >= 1:
+            cuts.append(None)
+            continue
+        flat_expert = expert.reshape(-1)
+        for start, stop in _chunks(flat_base.numel()):
+            part = magnitudes[start:stop]
+            torch.sub(
+                flat_expert[start:stop].to(COMPUTE_DTYPE),
+                flat_base[start:stop].to(COMPUTE_DTYPE),
+                out=part,
+            )
+            part.abs_()
+        cuts.append(MagnitudeCut.of(magnitudes, density))
+    return cuts
+
+
 def magnitude_sparsify(tensor: torch.Tensor, density: float, *, rescale: bool) -> torch.Tensor:
     """mergekit ``sparsify.magnitude``: keep the max(1, int(density·numel)) largest |entries|.
 
-    ``torch.argsort`` as in mergekit, so equal magnitudes at the cut are resolved the same way.
+    Equal magnitudes at the cut are kept lowest flat index first (:class:`MagnitudeCut`).
     """
-    if density >= 1:
+    magnitudes = tensor.abs().reshape(-1)
+    cut = MagnitudeCut.of(magnitudes, density)
+    if cut is None:
         return tensor
-    if density <= 0 or tensor.numel() == 0:
-        return torch.zeros_like(tensor)
-    k = max(1, int(density * tensor.numel()))
-    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    order = torch.argsort(tensor.abs().reshape(-1), descending=True)
-    mask[order[:k]] = 1
-    return _rescaled_masked(tensor, mask.reshape_as(tensor), rescale)
+    mask = cut.mask(magnitudes).reshape(tensor.shape).to(tensor.dtype)
+    return _rescaled_masked(tensor, mask, rescale)
 
 
 def bernoulli_sparsify(

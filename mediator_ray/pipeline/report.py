@@ -6,8 +6,6 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from rich.table import Table
 
 from mediator_ray.pipeline.progress import human_bytes
@@ -43,6 +41,11 @@ def conflict_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def conflicts_parquet(manifest: Mapping[str, Any]) -> bytes:
+    # Imported here: only a Mediator merge's commit writes Parquet, and every Ray worker that
+    # imports this package would otherwise carry pyarrow (~22 MB resident each).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pa.Table.from_pylist(conflict_rows(manifest))
     table = table.replace_schema_metadata({"experts": ",".join(manifest["expert_names"])})
     sink = io.BytesIO()

@@ -93,17 +93,20 @@ class LayerInputs:
     bytes_fetched: int
 
     def tensors(self, task: LayerTask, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
-        """Tensors per checkpoint, copied out of the (read-only) object-store buffers."""
+        """Tensors per checkpoint: views of the fetched buffers on CPU, copies on a GPU.
+
+        No copy on CPU: the buffers may be read-only (Ray's object store), and the merge math
+        only ever reads its inputs, so a copy would only cost memory (N + 1 layers' worth)."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for checkpoint, refs in task.refs.items():
             arrays = self.raw[checkpoint]
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we copy
+                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: never written
                 out[checkpoint] = {
                     ref.name: torch.from_numpy(arrays[ref.name])
                     .view(ref.torch_dtype)
                     .reshape(ref.shape)
-                    .to(device, copy=True)
+                    .to(device)
                     for ref in refs
                 }
         return out
@@ -223,8 +226,7 @@ def build_layer(ctx: JobContext, task: LayerTask, action: str, inputs: LayerInpu
     experts = [tensors[e] for e in ctx.expert_names]
     if action == "average":
         method = ctx.method if ctx.method != "mediator" else ctx.averaging_method
-        merged = merge_layer(method, base, experts, ctx.method_options)
-        dense = {name: cast_output(t, out_dtype) for name, t in merged.items()}
+        dense = merge_layer(method, base, experts, ctx.method_options, out_dtype)
         record = writer.write_shard(dense_file(ctx, task.index), dense, metadata)
         return LayerResult(
             task.layer.name,

@@ -40,7 +40,9 @@ def _demo_prompts(zoo: Any, per_task: int = 2) -> list[tuple[str, str, str]]:
     ]
 
 
-def run_demo(workdir: Path, serve: bool, console: Console) -> None:
+def run_demo(
+    workdir: Path, serve: bool, console: Console, limits: EvalLimits = DEMO_LIMITS
+) -> None:
     """Build the zoo if missing, merge, print the quality table and routed generations;
     with ``serve``, also serve the Mediator checkpoint and send it real HTTP requests.
 
@@ -53,12 +55,12 @@ def run_demo(workdir: Path, serve: bool, console: Console) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model's matrices are too small to share out
     try:
-        _run(Path(workdir).absolute(), serve, console)
+        _run(Path(workdir).absolute(), serve, console, limits)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(workdir: Path, serve: bool, console: Console) -> None:
+def _run(workdir: Path, serve: bool, console: Console, limits: EvalLimits) -> None:
     started = time.perf_counter()
     zoo_dir = workdir / "tiny-zoo"
     zoo = load_trained_zoo(zoo_dir)
@@ -79,7 +81,7 @@ def _run(workdir: Path, serve: bool, console: Console) -> None:
             zoo.calibration,
             zoo.tasks,
             workdir / "merges",
-            limits=DEMO_LIMITS,
+            limits=limits,
             systems=(
                 "experts",
                 "linear",

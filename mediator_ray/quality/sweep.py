@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,18 @@ class SweepPoint:
     checkpoint_bytes: int
 
 
+#: SmolLM2's sweep: each point costs a full merge and a router fit of a 135M model plus the
+#: scoring, so only the middle ground the quality table leaves open — every layer routed at
+#: lower densities, and half the blocks at the table's density.
+SMOLLM2_GRID: tuple[dict[str, Any], ...] = tuple(
+    {"plan": {"route_fraction": r, "route_embeddings": e}, "sparse": {"density": d}}
+    for r, e, d in ((1.0, True, 0.1), (1.0, True, 0.25), (0.5, True, 0.5), (0.5, False, 0.25))
+)
+
+
 def grid() -> list[dict[str, Any]]:
+    """The tiny zoo's grid: route fraction × routing embeddings × density, and the other
+    conflict metrics at METHOD.md's defaults."""
     points = [
         {"plan": {"route_fraction": r, "route_embeddings": e}, "sparse": {"density": d}}
         for r, e, d in itertools.product(ROUTE_FRACTIONS, (False, True), DENSITIES)
@@ -61,9 +72,13 @@ def run_sweep(
     workdir: Path,
     limits: EvalLimits,
     log: Callable[[str], None],
+    options_grid: Sequence[dict[str, Any]] | None = None,
 ) -> list[SweepPoint]:
+    """One Mediator merge + router-scored evaluation per point of ``options_grid``
+    (default: :func:`grid`)."""
+    options_grid = list(options_grid or grid())
     points = []
-    for index, options in enumerate(grid()):
+    for index, options in enumerate(options_grid):
         report: QualityReport = evaluate_zoo(
             "sweep",
             base,
@@ -87,7 +102,7 @@ def run_sweep(
                 row.checkpoint_bytes,
             )
         )
-        log(f"sweep {index + 1}/{len(grid())}: {options} → {row.mean('test'):.3f}")
+        log(f"sweep {index + 1}/{len(options_grid)}: {options} → {row.mean('test'):.3f}")
     return points
 
 
