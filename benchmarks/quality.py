@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before anything imports ray
@@ -98,78 +97,29 @@ def write_sweep(
 
 
 def smollm2(args: argparse.Namespace) -> tuple:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from mediator_ray.quality.evaluate import EvalLimits, evaluate_zoo
-    from mediator_ray.quality.finetune import FinetuneConfig, finetune, save_model
-    from mediator_ray.quality.tasks import SplitSizes, build_suite
-    from mediator_ray.testing.smollm2 import smollm2_checkpoint
+    from mediator_ray.quality.smollm2_zoo import build_smollm2_zoo
+    from mediator_ray.quality.tasks import SplitSizes
 
-    torch.set_num_threads(args.threads)
-    root = CACHE / "quality-smollm2"
-    base = smollm2_checkpoint(CACHE, "float32")
     sizes = SplitSizes(train=2000, calibration=100, test=args.test, ood=args.ood, mixed=args.mixed)
-    suite = build_suite(sizes, seed=0)
-    config = FinetuneConfig(
-        steps=args.steps,
-        batch_size=8,
-        lr=1e-4,
-        warmup=10,
-        min_lr_ratio=0.1,
-        threads=args.threads,
-        log_every=10,
-    )
-    experts, calibration = {}, {}
-    for index, task in enumerate(suite.tasks):
-        calibration[task] = root / "calibration" / f"{task}.jsonl"
-        calibration[task].parent.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps({"prompt": p}) for p in suite.prompts(task, "calibration")]
-        calibration[task].write_text("\n".join(lines) + "\n")
-        folder = root / "experts" / task
-        experts[task] = folder
-        done = folder / "done.json"
-        wanted = {"config": config.to_json(), "base": str(base), "sizes": sizes.__dict__}
-        if done.is_file() and json.loads(done.read_text()).get("wanted") == wanted:
-            log(f"expert {task}: cached")
-            continue
-        log(f"expert {task}: fine-tuning {config.steps} steps (batch {config.batch_size}) …")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        result = finetune(
-            model,
-            tokenizer,
-            suite.pairs(task),
-            replace(config, seed=index + 1),
-            log=lambda m, t=task: log(f"{t}: {m}"),
-        )
-        done.unlink(missing_ok=True)
-        save_model(model, tokenizer, folder)
-        done.write_text(json.dumps({"wanted": wanted, "seconds": result.seconds}, indent=1))
-        log(f"expert {task}: done in {result.seconds / 60:.1f} min (loss {result.last_loss:.3f})")
-    train_minutes = (
-        sum(json.loads((experts[t] / "done.json").read_text())["seconds"] for t in suite.tasks) / 60
-    )
+    zoo = build_smollm2_zoo(CACHE, sizes, steps=args.steps, threads=args.threads, log=log)
+    inputs = (zoo.base, zoo.experts, zoo.calibration, zoo.suite)
     report = evaluate_zoo(
         "smollm2",
-        base,
-        experts,
-        calibration,
-        suite,
-        root / "merges",
+        *inputs,
+        CACHE / "quality-smollm2" / "merges",
         limits=EvalLimits(test=args.test, ood=args.ood, mixed=args.mixed),
         log=log,
-        cache=root / "rows",
+        cache=CACHE / "quality-smollm2" / "rows",
     )
     if args.sweep:
         from mediator_ray.quality.sweep import SMOLLM2_GRID
 
-        inputs = (base, experts, calibration, suite)
         write_sweep(args, "smollm2", report, inputs, SMOLLM2_GRID)
     preamble = (
         "SmolLM2-135M-Instruct (float32) as the base; four experts fully fine-tuned on CPU "
-        f"({config.steps} steps × batch {config.batch_size}, AdamW lr {config.lr}; "
-        f"{train_minutes:.0f} min of fine-tuning in total on this 2-core machine). "
+        f"({zoo.steps} steps × batch {zoo.batch_size}, AdamW lr {zoo.lr}; "
+        f"{zoo.train_minutes:.0f} min of fine-tuning in total on this 2-core machine). "
         f"Exact match (%) on {args.test} test prompts per task; OOD: {args.ood} per task; "
         f"mixed: {args.mixed}.\n\nReproduce: `python benchmarks/quality.py --zoo smollm2`\n\n"
     )

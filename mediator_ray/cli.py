@@ -51,10 +51,11 @@ def _fail(error: MediatorError) -> int:
 def run_merge_command(config_uri: str, show_progress: bool = True) -> int:
     """Shared by ``mediator-ray merge`` and ``jobs/merge.py``."""
     from mediator_ray.config import load_config
-    from mediator_ray.pipeline import run_merge
 
     try:
-        config = load_config(config_uri)
+        config = load_config(config_uri)  # torch-free: a bad config fails fast
+        from mediator_ray.pipeline import run_merge
+
         outcome = run_merge(config, console=console, show_progress=show_progress)
     except MediatorError as e:
         return _fail(e)
@@ -205,7 +206,7 @@ def serve_command(
     /v1/route, /v1/models, /healthz. Runs until interrupted."""
     from ray import serve
 
-    from mediator_ray.pipeline import ensure_ray
+    from mediator_ray.raysession import ensure_ray
     from mediator_ray.serve import ServeOptions, build
 
     try:

@@ -23,10 +23,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mediator_ray.errors import ConfigError, StorageError
-from mediator_ray.merge.conflict import ConflictMetric
-from mediator_ray.merge.methods import MethodName, MethodOptions
+from mediator_ray.merge.options import ConflictMetric, MethodName, MethodOptions
 from mediator_ray.merge.plan import PlanOptions
-from mediator_ray.router.fit import RouterOptions
+from mediator_ray.router.options import RouterOptions
 from mediator_ray.storage import StorageOptions, open_store
 
 MERGE_METHODS: tuple[str, ...] = (

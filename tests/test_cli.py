@@ -63,3 +63,22 @@ def test_failures_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["inspect", str(tmp_path)])
     assert result.exit_code == 2
     assert "not a committed mediator-ray checkpoint" in result.output
+
+
+def test_a_config_is_validated_without_importing_torch(tmp_path: Path) -> None:
+    """A bad config fails in well under a second: validating one needs no torch (~1.2 s)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": "x", "experts": [{"name": "a"}], "output": "y"}))
+    code = (
+        "import sys\n"
+        "from mediator_ray.cli import run_merge_command\n"
+        f"rc = run_merge_command({str(bad)!r})\n"
+        "assert rc == 2, rc\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "experts.0.uri: Field required" in result.stdout + result.stderr

@@ -2,87 +2,52 @@
 
 No Ray and no I/O here: every function takes tensors (a *layer* is a dict name → tensor) and
 returns tensors or small Python values, computing in float32 on the inputs' device.
+
+Names load their submodule on first use (:mod:`mediator_ray.lazy_exports`): the
+torch-free option models import without torch.
 """
 
-from mediator_ray.merge.conflict import (
-    ConflictMetric,
-    LayerConflict,
-    deviation_from_stats,
-    extend_conflict,
-    layer_conflict,
-)
-from mediator_ray.merge.device import DevicePreference, DeviceUnavailableError, select_device
-from mediator_ray.merge.dtypes import COMPUTE_DTYPE, cast_output, dtype_from_name, to_compute
-from mediator_ray.merge.methods import (
-    METHOD_NAMES,
-    MethodName,
-    MethodOptions,
-    merge_layer,
-    merge_tensor,
-    tensor_seed,
-)
-from mediator_ray.merge.plan import (
-    LayerDecision,
-    LayerInfo,
-    LayerKind,
-    LayerPlan,
-    PlanOptions,
-    make_plan,
-)
-from mediator_ray.merge.sparse import (
-    EncodedSparse,
-    SparseEntries,
-    apply_sparse,
-    decode_sparse,
-    decompose,
-    decompose_layer,
-    dense_expert,
-    encode_sparse,
-    encoded_nbytes,
-    encoding_costs,
-    estimate_encoded_nbytes,
-    extend_dense_expert,
-    keep_count,
-    reconstruction_error,
-)
+from mediator_ray.lazy_exports import lazy_exports
 
-__all__ = [
-    "COMPUTE_DTYPE",
-    "METHOD_NAMES",
-    "ConflictMetric",
-    "DevicePreference",
-    "DeviceUnavailableError",
-    "EncodedSparse",
-    "LayerConflict",
-    "LayerDecision",
-    "LayerInfo",
-    "LayerKind",
-    "LayerPlan",
-    "MethodName",
-    "MethodOptions",
-    "PlanOptions",
-    "SparseEntries",
-    "apply_sparse",
-    "cast_output",
-    "decode_sparse",
-    "decompose",
-    "decompose_layer",
-    "dense_expert",
-    "deviation_from_stats",
-    "dtype_from_name",
-    "encode_sparse",
-    "encoded_nbytes",
-    "encoding_costs",
-    "estimate_encoded_nbytes",
-    "extend_conflict",
-    "extend_dense_expert",
-    "keep_count",
-    "layer_conflict",
-    "make_plan",
-    "merge_layer",
-    "merge_tensor",
-    "reconstruction_error",
-    "select_device",
-    "tensor_seed",
-    "to_compute",
-]
+_EXPORTS = {
+    "ConflictMetric": "options",
+    "LayerConflict": "conflict",
+    "deviation_from_stats": "conflict",
+    "extend_conflict": "conflict",
+    "layer_conflict": "conflict",
+    "DevicePreference": "device",
+    "DeviceUnavailableError": "device",
+    "select_device": "device",
+    "COMPUTE_DTYPE": "dtypes",
+    "cast_output": "dtypes",
+    "dtype_from_name": "dtypes",
+    "to_compute": "dtypes",
+    "METHOD_NAMES": "options",
+    "MethodName": "options",
+    "MethodOptions": "options",
+    "merge_layer": "methods",
+    "merge_tensor": "methods",
+    "tensor_seed": "methods",
+    "LayerDecision": "plan",
+    "LayerInfo": "plan",
+    "LayerKind": "plan",
+    "LayerPlan": "plan",
+    "PlanOptions": "plan",
+    "make_plan": "plan",
+    "EncodedSparse": "sparse",
+    "SparseEntries": "sparse",
+    "apply_sparse": "sparse",
+    "decode_sparse": "sparse",
+    "decompose": "sparse",
+    "decompose_layer": "sparse",
+    "dense_expert": "sparse",
+    "encode_sparse": "sparse",
+    "encoded_nbytes": "sparse",
+    "encoding_costs": "sparse",
+    "estimate_encoded_nbytes": "sparse",
+    "extend_dense_expert": "sparse",
+    "keep_count": "sparse",
+    "reconstruction_error": "sparse",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

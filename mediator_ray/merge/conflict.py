@@ -21,14 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
 
 import torch
 
 from mediator_ray.errors import IncompatibleCheckpointError
 from mediator_ray.merge.dtypes import COMPUTE_DTYPE
-
-ConflictMetric = Literal["deviation", "sign", "cosine"]
+from mediator_ray.merge.options import ConflictMetric
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 

@@ -48,123 +48,23 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from mediator_ray.errors import ConfigError, IncompatibleCheckpointError
 from mediator_ray.merge.dtypes import COMPUTE_DTYPE
-
-MethodName = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
-METHOD_NAMES: tuple[str, ...] = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
-
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+from mediator_ray.merge.options import (
+    MethodOptions,
+    check_method,
+    task_arithmetic_spec,
+)
 
 # mergekit's sparsify.rescaled_masked_tensor tolerance for "norm is zero".
 _RESCALE_EPS = 1e-7
 #: Entries per flat chunk of an elementwise merge: 1 MiB of float32 per input, small enough to
 #: stay in cache with N experts, large enough that the Python loop costs nothing.
 CHUNK_ENTRIES = 1 << 18
-
-
-@dataclass(frozen=True)
-class _TaskArithmeticSpec:
-    """One row of mergekit's registry for a generalized task arithmetic method."""
-
-    consensus: bool
-    sparsification: Literal["magnitude", "random"] | None
-    default_normalize: bool
-    default_rescale: bool
-
-
-_TASK_ARITHMETIC: dict[str, _TaskArithmeticSpec] = {
-    "task_arithmetic": _TaskArithmeticSpec(False, None, False, False),
-    "ties": _TaskArithmeticSpec(True, "magnitude", True, False),
-    "dare_ties": _TaskArithmeticSpec(True, "random", False, True),
-    "dare_linear": _TaskArithmeticSpec(False, "random", False, True),
-}
-
-
-class MethodOptions(BaseModel):
-    """Options of the baseline methods, named as in mergekit where mergekit has the option.
-
-    ``density`` and ``drop_rate`` reconcile our config with mergekit's single ``density``:
-    ``density`` is what TIES keeps (mergekit ``ties`` ``density``, default 0.2 here, mergekit's
-    own default 1.0 means "keep all"); ``drop_rate`` is what DARE drops, so mergekit
-    ``dare_*`` ``density`` = 1 − ``drop_rate`` (default 0.9 → 0.1). Each method reads only its
-    own field. Either may be one value for all experts or one per expert, like mergekit's
-    per-model parameters. ``normalize``/``rescale`` left as None take mergekit's default for the
-    method.
-    """
-
-    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
-
-    weights: list[float] | None = None
-    lambda_: float = Field(1.0, alias="lambda")
-    density: Fraction | list[Fraction] = 0.2
-    drop_rate: Fraction | list[Fraction] = 0.9
-    normalize: bool | None = None
-    rescale: bool | None = None
-    int8_mask: bool = False
-    base_weight: float | None = None
-    seed: int = 0
-
-    def expert_weights(self, n: int) -> list[float]:
-        """w_i for n experts (all 1 when ``weights`` is unset)."""
-        if self.weights is None:
-            return [1.0] * n
-        if len(self.weights) != n:
-            raise ConfigError(f"weights: {len(self.weights)} values given for {n} experts")
-        return list(self.weights)
-
-    def keep_densities(self, method: str, n: int) -> list[float]:
-        """mergekit's ``density`` (fraction of delta entries kept) per expert for ``method``."""
-        spec = _task_arithmetic_spec(method)
-        if spec.sparsification == "magnitude":
-            return _per_expert(self.density, n, "density")
-        if spec.sparsification == "random":
-            # Rounded so drop_rate 0.9 gives exactly mergekit's density 0.1 (1 - 0.9 does not).
-            return [round(1.0 - p, 12) for p in _per_expert(self.drop_rate, n, "drop_rate")]
-        return [1.0] * n
-
-    def resolved_normalize(self, method: str) -> bool:
-        """``normalize``, or mergekit's default for ``method``."""
-        if self.normalize is not None:
-            return self.normalize
-        return _task_arithmetic_spec(method).default_normalize
-
-    def resolved_rescale(self, method: str) -> bool:
-        """``rescale``, or mergekit's default for ``method`` (true for DARE only)."""
-        if self.rescale is not None:
-            return self.rescale
-        return _task_arithmetic_spec(method).default_rescale
-
-
-def _per_expert(value: float | list[float], n: int, field: str) -> list[float]:
-    if isinstance(value, list):
-        if len(value) != n:
-            raise ConfigError(f"{field}: {len(value)} values given for {n} experts")
-        return list(value)
-    return [value] * n
-
-
-def _check_method(method: str) -> None:
-    if method not in METHOD_NAMES:
-        raise ConfigError(
-            f"method: unknown merge method {method!r}; expected one of {list(METHOD_NAMES)}"
-        )
-
-
-# linear is not task arithmetic, but answers the same questions: no sparsification, normalize.
-_LINEAR_DEFAULTS = _TaskArithmeticSpec(False, None, True, False)
-
-
-def _task_arithmetic_spec(method: str) -> _TaskArithmeticSpec:
-    """mergekit's registry row for ``method`` (linear's defaults for linear)."""
-    _check_method(method)
-    return _LINEAR_DEFAULTS if method == "linear" else _TASK_ARITHMETIC[method]
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -198,13 +98,13 @@ def merge_tensor(
     it as it is written). Non-floating tensors (integer buffers) are copied when every input
     agrees, as mergekit does, and are an error otherwise. Inputs are only read, never written.
     """
-    _check_method(method)
+    check_method(method)
     _check_inputs(base, experts, tensor_name)
     if not base.is_floating_point():
         return _copy_agreed_buffer(base, experts, tensor_name)
     device = base.device
     experts = [e.to(device=device) for e in experts]
-    spec = _task_arithmetic_spec(method)
+    spec = task_arithmetic_spec(method)
     whole_tensor = spec.sparsification == "random" or (
         spec.sparsification == "magnitude" and options.resolved_rescale(method)
     )
@@ -337,7 +237,7 @@ def _task_arithmetic(
     """Generalized task arithmetic on float32 tensors; with ``cuts`` (magnitude methods), the
     inputs are the flat slice at ``offset`` and each expert's top-k cut was taken over its
     whole tensor."""
-    spec = _task_arithmetic_spec(method)
+    spec = task_arithmetic_spec(method)
     if not experts:
         return base.clone()
     n = len(experts)

@@ -26,7 +26,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mediator_ray.merge.conflict import ConflictMetric
+from mediator_ray.merge.options import ConflictMetric
 
 LayerKind = Literal["embedding", "block", "norm", "lm_head", "other"]
 LayerAction = Literal["average", "route"]

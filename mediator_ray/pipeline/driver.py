@@ -9,7 +9,6 @@ manifest ``mediator.json`` is written last: a checkpoint without it does not exi
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +53,7 @@ from mediator_ray.pipeline.work import (
     LayerTask,
     task_refs,
 )
+from mediator_ray.raysession import ensure_ray, task_options
 from mediator_ray.storage import open_store
 
 MANIFEST = MANIFEST_FILE
@@ -66,16 +66,6 @@ class MergeOutcome:
 
     output: str
     manifest: dict[str, Any]
-
-
-def ensure_ray() -> None:
-    """Attach to ``RAY_ADDRESS`` when set, else start a local Ray bound to 127.0.0.1."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
 
 
 def _unwrap(error: BaseException) -> BaseException:
@@ -144,18 +134,6 @@ def _job_context(
         previous_n=previous[1] if previous else 0,
         new_experts=new_experts,
     )
-
-
-def _task_options(config: MergeConfig) -> dict[str, Any]:
-    compute = config.compute
-    options: dict[str, Any] = {
-        "num_cpus": compute.cpus_per_task,
-        "num_gpus": compute.gpus_per_task,
-        "max_retries": compute.max_retries,
-    }
-    if compute.memory_per_task:
-        options["memory"] = compute.memory_per_task
-    return options
 
 
 def _output_config(base: CheckpointCatalog, dtype: str) -> bytes:
@@ -261,7 +239,7 @@ def run_merge(
         name: input_fingerprint(ctx, t, file_sizes) for name, t in incremental_tasks.items()
     }
     progress_log = ProgressLog(out_store)
-    options = _task_options(config)
+    options = task_options(config)
     limit = config.compute.tasks_in_flight
     bytes_fetched = 0
     conflicts: dict[str, LayerConflict] = {}

@@ -1,34 +1,29 @@
-"""Task-level router: features, classifier, calibration and the uncertainty rule."""
+"""Task-level router: features, classifier, calibration and the uncertainty rule.
 
-from mediator_ray.router.features import EMBEDDINGS, default_feature_layer, prompt_features
-from mediator_ray.router.fit import RouterOptions, fit_router, load_calibration
-from mediator_ray.router.router import ROUTER_META, ROUTER_WEIGHTS, RouterInfo, TaskRouter
-from mediator_ray.router.uncertainty import (
-    Routing,
-    Thresholds,
-    mix_key,
-    normalized_entropy,
-    parse_mix,
-    quantize,
-    select,
-)
+Names load their submodule on first use (:mod:`mediator_ray.lazy_exports`): the
+torch-free option models import without torch.
+"""
 
-__all__ = [
-    "EMBEDDINGS",
-    "ROUTER_META",
-    "ROUTER_WEIGHTS",
-    "RouterInfo",
-    "RouterOptions",
-    "Routing",
-    "TaskRouter",
-    "Thresholds",
-    "default_feature_layer",
-    "fit_router",
-    "load_calibration",
-    "mix_key",
-    "normalized_entropy",
-    "parse_mix",
-    "prompt_features",
-    "quantize",
-    "select",
-]
+from mediator_ray.lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "EMBEDDINGS": "features",
+    "default_feature_layer": "features",
+    "prompt_features": "features",
+    "RouterOptions": "options",
+    "fit_router": "fit",
+    "load_calibration": "fit",
+    "ROUTER_META": "router",
+    "ROUTER_WEIGHTS": "router",
+    "RouterInfo": "router",
+    "TaskRouter": "router",
+    "Routing": "uncertainty",
+    "Thresholds": "uncertainty",
+    "mix_key": "uncertainty",
+    "normalized_entropy": "uncertainty",
+    "parse_mix": "uncertainty",
+    "quantize": "uncertainty",
+    "select": "uncertainty",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

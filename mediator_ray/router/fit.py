@@ -15,29 +15,14 @@ import random
 from collections.abc import Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from mediator_ray.errors import ConfigError, StorageError
 from mediator_ray.router.classifier import ClassifierConfig, fit_temperature, train_classifier
 from mediator_ray.router.features import prompt_features
+from mediator_ray.router.options import RouterOptions
 from mediator_ray.router.router import RouterInfo, TaskRouter
 from mediator_ray.router.uncertainty import Thresholds, normalized_entropy
 from mediator_ray.storage import StorageOptions, open_store
-
-
-class RouterOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    top1_fraction: float = Field(0.95, gt=0.0, le=1.0)
-    ood_fraction: float = Field(0.995, gt=0.0, le=1.0)
-    top_k: int = Field(2, ge=1)
-    resolution: float = Field(0.05, ge=0.0, lt=1.0)
-    hidden: int = Field(0, ge=0, description="0: linear classifier")
-    outlier_exposure: bool = True
-    feature_layer: int | None = None
-    max_length: int = 256
-    seed: int = 0
 
 
 def load_calibration(uri: str, storage: StorageOptions | None = None) -> list[str]:
