@@ -289,12 +289,10 @@ def demo(
     """The main job on the embedded default: train (or reuse) the tiny expert zoo, merge it
     with every method and with Mediator on a local Ray, print the quality table and routed
     generations."""
-    from mediator_ray.quality.demo import run_demo
-    from mediator_ray.quality.evaluate import EvalLimits
+    from mediator_ray.quality.demo import demo_limits, run_demo
 
-    limits = EvalLimits(test=examples, ood=max(1, examples // 2), mixed=examples)
     try:
-        run_demo(workdir, serve=serve, console=console, limits=limits)
+        run_demo(workdir, serve=serve, console=console, limits=demo_limits(examples))
     except MediatorError as e:
         raise typer.Exit(_fail(e)) from None
 

@@ -42,7 +42,7 @@ from mediator_ray.merge import (
     reconstruction_error,
     select_device,
 )
-from mediator_ray.merge.methods import MethodOptions
+from mediator_ray.merge.options import MethodOptions
 from mediator_ray.storage import ObjectStore, StorageOptions, open_store
 
 BASE = "base"

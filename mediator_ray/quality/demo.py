@@ -20,8 +20,14 @@ from mediator_ray.quality.evaluate import EvalLimits, evaluate_zoo
 from mediator_ray.quality.report import rich_table, summary_lines
 from mediator_ray.quality.tiny_zoo import build_trained_zoo, load_trained_zoo
 
+
+def demo_limits(examples: int) -> EvalLimits:
+    """``examples`` test prompts per task, half as many OOD ones, as many mixed ones."""
+    return EvalLimits(test=examples, ood=max(1, examples // 2), mixed=examples)
+
+
 #: Enough examples for a stable table, small enough for the demo's time budget.
-DEMO_LIMITS = EvalLimits(test=100, ood=50, mixed=100)
+DEMO_LIMITS = demo_limits(100)
 SERVE_APP = "mediator-demo"
 
 
