@@ -37,6 +37,8 @@ MERGE_METHODS: tuple[str, ...] = (
     "dare_linear",
 )
 OutputDtype = Literal["bfloat16", "float16", "float32"]
+#: Bytes per element of each output dtype (the driver sizes the plan without torch).
+OUTPUT_ITEMSIZE: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -134,6 +136,11 @@ class MergeConfig(_Strict):
     storage: StorageOptions = StorageOptions()
     compute: ComputeOptions = ComputeOptions()
     router: RouterOptions = RouterOptions()
+
+    @property
+    def output_itemsize(self) -> int:
+        """Bytes per element of the output dtype."""
+        return OUTPUT_ITEMSIZE[self.dtype]
 
     @model_validator(mode="after")
     def _consistent(self) -> MergeConfig:

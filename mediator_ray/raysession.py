@@ -1,4 +1,4 @@
-"""Joining Ray for a merge, and the Ray options of its layer tasks (torch-free to import)."""
+"""Joining Ray for a merge, and the Ray options of its layer tasks (no torch here)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ if TYPE_CHECKING:
 def ensure_ray() -> None:
     """Attach to ``RAY_ADDRESS`` when set, else start a local Ray bound to 127.0.0.1.
 
-    torch is imported first, always: the first job driver on a fresh cluster that loads
-    torch's libraries *after* ``ray.init()`` aborts in oneMKL ("Cannot load libtorch_cpu.so",
-    exit 134 — seen with ``ray job submit`` on Ray 2.x, torch 2.13 CPU), later jobs do not.
+    A process that uses torch must import it *before* this: a job driver that loads torch's
+    libraries after ``ray.init()`` aborts in oneMKL on the first job of a fresh cluster
+    ("Cannot load libtorch_cpu.so", exit 134; seen with ``ray job submit``, Ray 2.x, torch
+    2.13 CPU). The merge driver imports no torch at all (``tests/test_cli.py`` checks it);
+    the runtime, Serve and the quality code import it at module level.
     """
-    import torch  # noqa: F401  (before ray.init, see above)
-
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

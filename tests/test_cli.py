@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from merge_helpers import manifest, write_calibration, zoo_config
 from typer.testing import CliRunner
 
 from mediator_ray.cli import app
@@ -67,18 +68,37 @@ def test_failures_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
 
 def test_a_config_is_validated_without_importing_torch(tmp_path: Path) -> None:
     """A bad config fails in well under a second: validating one needs no torch (~1.2 s)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": "x", "experts": [{"name": "a"}], "output": "y"}))
+    result = _run_in_fresh_python(f"rc = run_merge_command({str(bad)!r})\nassert rc == 2, rc\n")
+    assert "experts.0.uri: Field required" in result
+
+
+def test_the_merge_driver_never_imports_torch(
+    tiny_qwen_zoo: Zoo, tmp_path: Path, ray_cluster
+) -> None:
+    """The whole job — catalog, both passes, plan, commit and the router fit — as run by
+    ``jobs/merge.py``: tensors live in the workers only. (A job driver that loads torch after
+    ``ray.init()`` can abort on a fresh cluster; see ``raysession.ensure_ray``.)"""
+    calibration = write_calibration(tmp_path / "cal", tiny_qwen_zoo)
+    config = zoo_config(tiny_qwen_zoo, str(tmp_path / "out"), options={"sparse": {"density": 1}})
+    data = config.model_dump(mode="json", by_alias=True)
+    for expert in data["experts"]:
+        expert["calibration"] = calibration[expert["name"]]
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(data))
+    code = f"rc = run_merge_command({str(tmp_path / 'merge.yaml')!r}, show_progress=False)\n"
+    _run_in_fresh_python(code + "assert rc == 0, rc\n")  # attaches to RAY_ADDRESS
+    assert manifest(tmp_path / "out")["router"]["heldout_accuracy"] > 0.5
+
+
+def _run_in_fresh_python(code: str) -> str:
+    """Run ``code`` after importing the CLI in a new interpreter; it must end without torch
+    or transformers imported. Returns the output."""
     import subprocess
     import sys
 
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"base": "x", "experts": [{"name": "a"}], "output": "y"}))
-    code = (
-        "import sys\n"
-        "from mediator_ray.cli import run_merge_command\n"
-        f"rc = run_merge_command({str(bad)!r})\n"
-        "assert rc == 2, rc\n"
-        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "experts.0.uri: Field required" in result.stdout + result.stderr
+    check = "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    script = "import sys\nfrom mediator_ray.cli import run_merge_command\n" + code + check
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr

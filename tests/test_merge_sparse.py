@@ -108,7 +108,7 @@ def test_encode_decode_round_trip(dtype, shape, density):
     assert torch.equal(decoded.indices, entries.indices)
     assert decoded.values.dtype == dtype
     assert torch.equal(decoded.values, entries.values)
-    assert encoded_nbytes(encoded) == estimate_encoded_nbytes(shape, density, dtype)
+    assert encoded_nbytes(encoded) == estimate_encoded_nbytes(shape, density, dtype.itemsize)
 
 
 def test_wide_rows_use_wider_column_indices():

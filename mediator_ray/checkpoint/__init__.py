@@ -1,74 +1,46 @@
-"""Hugging Face safetensors checkpoints: header parsing, catalog, tensor reads, sharded writes."""
+"""Hugging Face safetensors checkpoints: header parsing, catalog, tensor reads, sharded writes.
 
-from mediator_ray.checkpoint.catalog import (
-    CONFIG_FILE,
-    CORE_CONFIG_FIELDS,
-    INDEX_FILE,
-    MANIFEST_FILE,
-    SINGLE_FILE,
-    TOKENIZER_FILES,
-    CheckpointCatalog,
-    check_compatible,
-    open_checkpoint,
-    read_manifest,
-)
-from mediator_ray.checkpoint.layers import LayerGroup, LayerKind, classify, group_layers
-from mediator_ray.checkpoint.reader import read_tensor, read_tensors, tensor_from_bytes
-from mediator_ray.checkpoint.safetensors_format import (
-    DTYPE_CODES,
-    DTYPES,
-    HEADER_PROBE_BYTES,
-    MAX_HEADER_BYTES,
-    SafetensorsHeader,
-    TensorRef,
-    header_read_bytes,
-    parse_header,
-    read_header,
-)
-from mediator_ray.checkpoint.writer import (
-    DEFAULT_MARKER,
-    DEFAULT_MAX_SHARD_BYTES,
-    CheckpointWriter,
-    ShardRecord,
-    plan_shards,
-    save_checkpoint,
-    serialize_tensors,
-    shard_name,
-)
+Names load their submodule on first use (:mod:`mediator_ray.lazy_exports`): reading
+headers and writing indexes, all a merge driver does, import no torch.
+"""
 
-__all__ = [
-    "CONFIG_FILE",
-    "CORE_CONFIG_FIELDS",
-    "DEFAULT_MARKER",
-    "DEFAULT_MAX_SHARD_BYTES",
-    "DTYPES",
-    "DTYPE_CODES",
-    "HEADER_PROBE_BYTES",
-    "INDEX_FILE",
-    "MANIFEST_FILE",
-    "MAX_HEADER_BYTES",
-    "SINGLE_FILE",
-    "TOKENIZER_FILES",
-    "CheckpointCatalog",
-    "CheckpointWriter",
-    "LayerGroup",
-    "LayerKind",
-    "SafetensorsHeader",
-    "ShardRecord",
-    "TensorRef",
-    "check_compatible",
-    "classify",
-    "group_layers",
-    "header_read_bytes",
-    "open_checkpoint",
-    "parse_header",
-    "plan_shards",
-    "read_header",
-    "read_manifest",
-    "read_tensor",
-    "read_tensors",
-    "save_checkpoint",
-    "serialize_tensors",
-    "shard_name",
-    "tensor_from_bytes",
-]
+from mediator_ray.lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "CONFIG_FILE": "catalog",
+    "CORE_CONFIG_FIELDS": "catalog",
+    "INDEX_FILE": "catalog",
+    "MANIFEST_FILE": "catalog",
+    "SINGLE_FILE": "catalog",
+    "TOKENIZER_FILES": "catalog",
+    "CheckpointCatalog": "catalog",
+    "check_compatible": "catalog",
+    "open_checkpoint": "catalog",
+    "read_manifest": "catalog",
+    "LayerGroup": "layers",
+    "LayerKind": "layers",
+    "classify": "layers",
+    "group_layers": "layers",
+    "read_tensor": "reader",
+    "read_tensors": "reader",
+    "tensor_from_bytes": "reader",
+    "DTYPE_CODES": "safetensors_format",
+    "DTYPES": "safetensors_format",
+    "HEADER_PROBE_BYTES": "safetensors_format",
+    "MAX_HEADER_BYTES": "safetensors_format",
+    "SafetensorsHeader": "safetensors_format",
+    "TensorRef": "safetensors_format",
+    "header_read_bytes": "safetensors_format",
+    "parse_header": "safetensors_format",
+    "read_header": "safetensors_format",
+    "DEFAULT_MARKER": "writer",
+    "DEFAULT_MAX_SHARD_BYTES": "writer",
+    "CheckpointWriter": "writer",
+    "ShardRecord": "writer",
+    "plan_shards": "writer",
+    "save_checkpoint": "writer",
+    "serialize_tensors": "writer",
+    "shard_name": "writer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -19,34 +19,60 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from mediator_ray.errors import CheckpointFormatError
 from mediator_ray.storage.base import ByteRange, ObjectStore
 
-#: safetensors dtype code -> torch dtype. Other codes (F8_*, U16, …) are refused on purpose:
-#: merging them needs more than elementwise float arithmetic.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import torch
+
+#: Bytes per element of each accepted safetensors dtype code. Other codes (F8_*, …) are
+#: refused on purpose: merging them needs more than elementwise float arithmetic.
+ITEMSIZE: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "U16": 2,
+    "BOOL": 1,
 }
 
-#: torch dtype -> safetensors code (the inverse of :data:`DTYPES`).
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
 
-#: Bytes per element of each code.
-ITEMSIZE: dict[str, int] = {code: dtype.itemsize for code, dtype in DTYPES.items()}
+@lru_cache(maxsize=1)
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "U16": torch.uint16,
+        "BOOL": torch.bool,
+    }
+
+
+def __getattr__(name: str) -> Any:
+    # DTYPES (code -> torch dtype) and DTYPE_CODES (its inverse) are built on first use, so
+    # that parsing headers — all a merge driver does — never imports torch (~1.2 s, ~110 MB).
+    if name == "DTYPES":
+        return dict(_torch_dtypes())
+    if name == "DTYPE_CODES":
+        return {dtype: code for code, dtype in _torch_dtypes().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: The length prefix: a little-endian u64 holding the header size.
 PREFIX_BYTES = 8
@@ -86,7 +112,7 @@ class TensorRef:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return _torch_dtypes()[self.dtype]
 
     @property
     def byte_range(self) -> ByteRange:
@@ -177,8 +203,9 @@ def parse_header(
             found = sorted(info) if isinstance(info, dict) else type(info).__name__
             raise fail(f"entry must have exactly dtype, shape and data_offsets, got {found}", name)
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
-            raise fail(f"unknown or unsupported dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
+        if dtype not in ITEMSIZE:
+            known = ", ".join(ITEMSIZE)
+            raise fail(f"unknown or unsupported dtype {dtype!r} (known: {known})", name)
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise fail(f"shape must be a list of non-negative integers, got {shape!r}", name)
         if (

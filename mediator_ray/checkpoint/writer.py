@@ -14,14 +14,15 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from mediator_ray.checkpoint import safetensors_format
 from mediator_ray.checkpoint.catalog import CONFIG_FILE, INDEX_FILE, CheckpointCatalog
-from mediator_ray.checkpoint.safetensors_format import DTYPE_CODES
 from mediator_ray.errors import CheckpointFormatError, ObjectNotFoundError
 from mediator_ray.storage.base import ObjectStore
+
+if TYPE_CHECKING:  # torch is imported where tensors are serialised: the driver writes none
+    import torch
 
 DEFAULT_MARKER = "_COMPLETE"
 #: Default shard size cap (5 GB, the size Hugging Face used for years; hub-friendly).
@@ -59,6 +60,9 @@ def serialize_tensors(
     loads with ``safetensors.torch.load``. Metadata carries ``format: pt`` (transformers needs
     it). Tensors are moved to CPU and made contiguous.
     """
+    import torch
+
+    codes = safetensors_format.DTYPE_CODES
     header: dict[str, Any] = {
         "__metadata__": dict(sorted({"format": "pt", **(metadata or {})}.items()))
     }
@@ -66,11 +70,11 @@ def serialize_tensors(
     offset = 0
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
-        if t.dtype not in DTYPE_CODES:
+        if t.dtype not in codes:
             raise CheckpointFormatError(f"tensor {name!r}: dtype {t.dtype} cannot be written")
         data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
         header[name] = {
-            "dtype": DTYPE_CODES[t.dtype],
+            "dtype": codes[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + len(data)],
         }

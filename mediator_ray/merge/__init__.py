@@ -11,8 +11,8 @@ from mediator_ray.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "ConflictMetric": "options",
-    "LayerConflict": "conflict",
-    "deviation_from_stats": "conflict",
+    "LayerConflict": "conflict_stats",
+    "deviation_from_stats": "conflict_stats",
     "extend_conflict": "conflict",
     "layer_conflict": "conflict",
     "DevicePreference": "device",
@@ -43,10 +43,10 @@ _EXPORTS = {
     "dense_expert": "sparse",
     "encode_sparse": "sparse",
     "encoded_nbytes": "sparse",
-    "encoding_costs": "sparse",
-    "estimate_encoded_nbytes": "sparse",
+    "encoding_costs": "sparse_sizes",
+    "estimate_encoded_nbytes": "sparse_sizes",
     "extend_dense_expert": "sparse",
-    "keep_count": "sparse",
+    "keep_count": "sparse_sizes",
     "reconstruction_error": "sparse",
 }
 __all__ = sorted(_EXPORTS)

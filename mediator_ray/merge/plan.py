@@ -81,7 +81,7 @@ class LayerInfo:
 
     ``nbytes`` is the layer's dense size in the output checkpoint; ``routed_extra_bytes`` is what
     routing it adds (its N sparse experts; the caller computes it from density, N and dtype,
-    e.g. with ``sparse.estimate_encoded_nbytes``). Both matter only to the memory-budget rule.
+    e.g. with ``sparse_sizes.estimate_encoded_nbytes``). Both matter only to the memory-budget rule.
     """
 
     name: str

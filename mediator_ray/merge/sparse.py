@@ -31,11 +31,18 @@ from dataclasses import dataclass
 import torch
 
 from mediator_ray.merge.dtypes import COMPUTE_DTYPE
+from mediator_ray.merge.sparse_sizes import (
+    column_itemsize,
+    encoding_costs,
+    keep_count,
+    row_ptr_itemsize,
+    rows_cols,
+)
 
 EncodedSparse = dict[str, torch.Tensor]
 
-_UINT16_COLUMNS = 1 << 16
-_INT32_MAX = (1 << 31) - 1
+#: The integer dtype of each index width that :mod:`sparse_sizes` picks (uint16 columns).
+_INT_DTYPES = {2: torch.uint16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -69,19 +76,6 @@ class SparseEntries:
     ) -> torch.Tensor:
         """θ̂_i = D + S_i (exactly θ_i at kept positions)."""
         return apply_sparse(dense, [self], [1.0], out_dtype=out_dtype)
-
-
-def keep_count(numel: int, density: float) -> int:
-    """Entries kept per tensor: ceil(d·numel), at least 1 when d > 0 and the tensor is non-empty.
-
-    d·numel is rounded to 6 decimals before the ceil so float noise (0.1·30 =
-    3.0000000000000004) does not keep an extra entry.
-    """
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
-    if density == 0.0 or numel == 0:
-        return 0
-    return min(numel, max(1, math.ceil(round(density * numel, 6))))
 
 
 def dense_expert(experts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -214,42 +208,12 @@ def apply_sparse(
 # Encoding
 
 
-def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
-    if len(shape) == 0:
-        return 1, 1
-    return math.prod(shape[:-1]), shape[-1]
-
-
 def _column_dtype(n_cols: int) -> torch.dtype:
-    if n_cols <= _UINT16_COLUMNS:
-        return torch.uint16
-    return torch.int32 if n_cols - 1 <= _INT32_MAX else torch.int64
+    return _INT_DTYPES[column_itemsize(n_cols)]
 
 
 def _row_ptr_dtype(nnz: int) -> torch.dtype:
-    return torch.int32 if nnz <= _INT32_MAX else torch.int64
-
-
-def encoding_costs(shape: Sequence[int], nnz: int, value_itemsize: int) -> dict[str, int]:
-    """Bytes of each encoding (``csr``, ``bitmap``) of ``nnz`` kept entries, shape included."""
-    rows, cols = _rows_cols(shape)
-    numel = math.prod(shape)
-    shape_bytes = 8 * len(shape)
-    values = nnz * value_itemsize
-    csr = values + nnz * _column_dtype(cols).itemsize
-    csr += (rows + 1) * _row_ptr_dtype(nnz).itemsize
-    bitmap = values + (numel + 7) // 8
-    return {"csr": csr + shape_bytes, "bitmap": bitmap + shape_bytes}
-
-
-def estimate_encoded_nbytes(shape: Sequence[int], density: float, dtype: torch.dtype) -> int:
-    """Bytes :func:`encode_sparse` will write for one sparse expert tensor at ``density``.
-
-    Exact, since the kept count depends only on shape and density; sum it over a layer's tensors
-    and multiply by N for the plan's ``routed_extra_bytes``.
-    """
-    nnz = keep_count(math.prod(shape), density)
-    return min(encoding_costs(shape, nnz, dtype.itemsize).values())
+    return _INT_DTYPES[row_ptr_itemsize(nnz)]
 
 
 def encode_sparse(entries: SparseEntries, dtype: torch.dtype | None = None) -> EncodedSparse:
@@ -261,7 +225,7 @@ def encode_sparse(entries: SparseEntries, dtype: torch.dtype | None = None) -> E
     costs = encoding_costs(entries.shape, entries.nnz, dtype.itemsize)
     if costs["bitmap"] < costs["csr"]:
         return {"shape": shape, "bitmap": _pack_bits(indices, entries.numel), "values": values}
-    rows, cols = _rows_cols(entries.shape)
+    rows, cols = rows_cols(entries.shape)
     row_of = torch.div(indices, max(cols, 1), rounding_mode="floor")
     row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=indices.device)
     row_ptr[1:] = torch.cumsum(torch.bincount(row_of, minlength=rows), dim=0)
@@ -280,7 +244,7 @@ def decode_sparse(encoded: Mapping[str, torch.Tensor]) -> SparseEntries:
     if "bitmap" in encoded:
         indices = _unpack_bits(encoded["bitmap"], math.prod(shape))
     elif "col" in encoded and "row_ptr" in encoded:
-        _, cols = _rows_cols(shape)
+        _, cols = rows_cols(shape)
         row_ptr = encoded["row_ptr"].to(torch.int64)
         rows = torch.repeat_interleave(
             torch.arange(row_ptr.numel() - 1, device=row_ptr.device), row_ptr.diff()

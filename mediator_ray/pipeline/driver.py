@@ -29,13 +29,9 @@ from mediator_ray.checkpoint import (
 )
 from mediator_ray.config import MergeConfig
 from mediator_ray.errors import MediatorError
-from mediator_ray.merge import (
-    LayerConflict,
-    LayerInfo,
-    dtype_from_name,
-    estimate_encoded_nbytes,
-    make_plan,
-)
+from mediator_ray.merge.conflict_stats import LayerConflict
+from mediator_ray.merge.plan import LayerInfo, make_plan
+from mediator_ray.merge.sparse_sizes import estimate_encoded_nbytes
 from mediator_ray.pipeline.progress import MergeProgress
 from mediator_ray.pipeline.report import conflicts_parquet, conflicts_png, summary_table
 from mediator_ray.pipeline.resume import (
@@ -44,8 +40,7 @@ from mediator_ray.pipeline.resume import (
     build_fingerprint,
     input_fingerprint,
 )
-from mediator_ray.pipeline.tasks import remote_build_task, remote_conflict_task
-from mediator_ray.pipeline.work import (
+from mediator_ray.pipeline.spec import (
     BASE,
     PREVIOUS,
     JobContext,
@@ -53,6 +48,7 @@ from mediator_ray.pipeline.work import (
     LayerTask,
     task_refs,
 )
+from mediator_ray.pipeline.tasks import fit_router_task, remote_build_task, remote_conflict_task
 from mediator_ray.raysession import ensure_ray, task_options
 from mediator_ray.storage import open_store
 
@@ -353,11 +349,7 @@ def run_merge(
 
 
 def _fit_router(config: MergeConfig, routed_blocks: list[int], options: dict[str, Any]) -> dict:
-    from mediator_ray.router.checkpoint import fit_checkpoint_router
-
-    fit = ray.remote(**{**options, "max_retries": config.compute.max_retries})(
-        fit_checkpoint_router
-    )
+    fit = ray.remote(**{**options, "max_retries": config.compute.max_retries})(fit_router_task)
     try:
         files, summary = ray.get(
             fit.remote(
@@ -390,7 +382,7 @@ def _layer_infos(
     tasks: Sequence[LayerTask],
     conflicts: dict[str, LayerConflict],
 ) -> list[LayerInfo]:
-    dtype = dtype_from_name(config.dtype)
+    itemsize = config.output_itemsize
     density = config.options.sparse.density
     n_experts = len(config.experts)
     infos = []
@@ -401,9 +393,9 @@ def _layer_infos(
                 name=t.layer.name,
                 kind=t.layer.kind,
                 score=conflicts[t.layer.name].score(config.options.plan.metric),
-                nbytes=sum(ref.numel * dtype.itemsize for ref in refs),
+                nbytes=sum(ref.numel * itemsize for ref in refs),
                 routed_extra_bytes=n_experts
-                * sum(estimate_encoded_nbytes(ref.shape, density, dtype) for ref in refs),
+                * sum(estimate_encoded_nbytes(ref.shape, density, itemsize) for ref in refs),
             )
         )
     return infos

@@ -17,8 +17,8 @@ from typing import Any
 
 from mediator_ray.checkpoint import CheckpointWriter, ShardRecord
 from mediator_ray.errors import ObjectNotFoundError
-from mediator_ray.merge import LayerConflict
-from mediator_ray.pipeline.work import JobContext, LayerResult, LayerTask
+from mediator_ray.merge.conflict_stats import LayerConflict
+from mediator_ray.pipeline.spec import JobContext, LayerResult, LayerTask
 from mediator_ray.storage import ObjectStore
 
 FORMAT_VERSION = 1

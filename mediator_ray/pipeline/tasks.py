@@ -6,28 +6,28 @@ build pass consumes it — so each input byte is fetched from storage once per m
 ``build_task`` merges or decomposes the layer and writes its shards straight to the output.
 Both record their result under ``_progress/`` before returning, so an interrupted job can
 resume from what the workers finished, whatever happened to the driver.
+
+The torch work (:mod:`work`, :mod:`mediator_ray.router.checkpoint`) is imported inside the
+tasks: the driver imports this module to submit them and must not import torch (see
+:func:`mediator_ray.raysession.ensure_ray`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import ray
 
-from mediator_ray.merge import LayerConflict
+from mediator_ray.merge.conflict_stats import LayerConflict
 from mediator_ray.pipeline.resume import ProgressLog
-from mediator_ray.pipeline.work import (
-    JobContext,
-    LayerInputs,
-    LayerResult,
-    LayerTask,
-    _store,
-    build_layer,
-    fetch_layer,
-    score_layer,
-)
+from mediator_ray.pipeline.spec import JobContext, LayerResult, LayerTask, cached_store
+
+if TYPE_CHECKING:
+    from mediator_ray.pipeline.work import LayerInputs
 
 
 def _progress(ctx: JobContext) -> ProgressLog:
-    return ProgressLog(_store(ctx.output, ctx.storage))
+    return ProgressLog(cached_store(ctx.output, ctx.storage))
 
 
 def conflict_task(
@@ -41,6 +41,8 @@ def conflict_task(
 
     ``previous``: the layer's statistics in the previous version (incremental merge).
     """
+    from mediator_ray.pipeline.work import fetch_layer, score_layer
+
     inputs = fetch_layer(ctx, task)
     conflict = score_layer(ctx, task, inputs, previous)
     _progress(ctx).save_conflict(task.layer.name, fingerprint, conflict)
@@ -55,6 +57,8 @@ def build_task(
     inputs: LayerInputs | None,
 ) -> LayerResult:
     """Build one layer unless a verified result of the same fingerprint already exists."""
+    from mediator_ray.pipeline.work import build_layer, fetch_layer
+
     progress = _progress(ctx)
     done = progress.built(task.layer.name, fingerprint)
     if done is not None:
@@ -75,3 +79,10 @@ def remote_conflict_task(options: dict) -> ray.remote_function.RemoteFunction:
 
 def remote_build_task(options: dict) -> ray.remote_function.RemoteFunction:
     return ray.remote(**options)(build_task)
+
+
+def fit_router_task(*args: Any, **kwargs: Any) -> tuple[dict[str, bytes], dict]:
+    """:func:`mediator_ray.router.checkpoint.fit_checkpoint_router`, imported in the worker."""
+    from mediator_ray.router.checkpoint import fit_checkpoint_router
+
+    return fit_checkpoint_router(*args, **kwargs)

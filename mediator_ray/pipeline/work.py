@@ -11,23 +11,17 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mediator_ray.checkpoint import (
-    CheckpointCatalog,
     CheckpointWriter,
     ShardRecord,
-    TensorRef,
     read_tensors,
-    shard_name,
 )
-from mediator_ray.checkpoint.layers import LayerGroup
 from mediator_ray.merge import (
     LayerConflict,
     cast_output,
@@ -42,47 +36,36 @@ from mediator_ray.merge import (
     reconstruction_error,
     select_device,
 )
-from mediator_ray.merge.options import MethodOptions
-from mediator_ray.storage import ObjectStore, StorageOptions, open_store
+from mediator_ray.pipeline.spec import (
+    BASE,
+    PREVIOUS,
+    SPARSE_KEY_SEPARATOR,
+    JobContext,
+    LayerResult,
+    LayerTask,
+    cached_store,
+    dense_file,
+    sparse_file,
+    task_refs,
+)
 
-BASE = "base"
-#: The previous version's dense part, in an incremental merge.
-PREVIOUS = "__previous__"
-#: Separates a tensor name from the field of its sparse encoding inside a sparse-expert file.
-SPARSE_KEY_SEPARATOR = "::"
-
-
-@dataclass(frozen=True)
-class JobContext:
-    """Everything a layer task needs besides its own layer; shipped to workers once."""
-
-    checkpoints: dict[str, str]  # "base" and expert names → URI
-    expert_names: tuple[str, ...]
-    method: str
-    averaging_method: str  # for a mediator merge: how averaged layers are merged
-    method_options: MethodOptions
-    density: float
-    output: str
-    dtype: str
-    storage: StorageOptions
-    device: str
-    n_shards: int
-    # Incremental merge: experts already in the previous version, and the ones being added.
-    previous_n: int = 0
-    new_experts: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class LayerTask:
-    """One layer of the merge: its group, its shard number and its byte ranges per checkpoint."""
-
-    index: int  # 0-based position among all layers; the dense shard is number index + 1
-    layer: LayerGroup
-    refs: dict[str, tuple[TensorRef, ...]]  # "base" / expert name → refs, same tensor order
-
-    @property
-    def input_bytes(self) -> int:
-        return sum(ref.nbytes for refs in self.refs.values() for ref in refs)
+__all__ = [  # the spec's names are re-exported: callers that do torch work import them here
+    "BASE",
+    "PREVIOUS",
+    "SPARSE_KEY_SEPARATOR",
+    "JobContext",
+    "LayerInputs",
+    "LayerResult",
+    "LayerTask",
+    "build_layer",
+    "cached_store",
+    "dense_file",
+    "fetch_layer",
+    "score_layer",
+    "sparse_file",
+    "task_device",
+    "task_refs",
+]
 
 
 @dataclass
@@ -112,33 +95,11 @@ class LayerInputs:
         return out
 
 
-@dataclass
-class LayerResult:
-    """What a build task reports back: files written and per-layer numbers for the manifest."""
-
-    name: str
-    action: str
-    dense: ShardRecord
-    sparse: dict[str, ShardRecord] = field(default_factory=dict)
-    sparse_bytes: dict[str, int] = field(default_factory=dict)
-    recon_errors: dict[str, float] = field(default_factory=dict)
-    bytes_fetched: int = 0  # by the build task itself (0 when inputs came from the cache)
-    seconds: float = 0.0
-    skipped: bool = False
-    node_id: str = ""  # the Ray node that built the layer
-
-
-@lru_cache(maxsize=64)
-def _store(uri: str, storage: StorageOptions) -> ObjectStore:
-    """One store (and boto3 client) per URI per worker process, reused across tasks."""
-    return open_store(uri, storage)
-
-
 def fetch_layer(ctx: JobContext, task: LayerTask) -> LayerInputs:
     """Read the layer's tensors from every checkpoint, checkpoints in parallel."""
 
     def fetch(checkpoint: str) -> tuple[str, dict[str, np.ndarray], int]:
-        store = _store(ctx.checkpoints[checkpoint], ctx.storage)
+        store = cached_store(ctx.checkpoints[checkpoint], ctx.storage)
         refs = task.refs[checkpoint]
         tensors = read_tensors(store, refs)
         raw = {name: t.reshape(-1).view(torch.uint8).numpy() for name, t in tensors.items()}
@@ -185,16 +146,6 @@ def score_layer(
     return layer_conflict(base, experts)
 
 
-def sparse_file(expert: str, index: int) -> str:
-    """Where the sparse expert ``expert`` of layer ``index`` lives in the checkpoint."""
-    return f"experts/{expert}/sparse-{index + 1:05d}.safetensors"
-
-
-def dense_file(ctx: JobContext, index: int) -> str:
-    """The HF shard holding layer ``index`` of the dense part."""
-    return shard_name(index + 1, ctx.n_shards)
-
-
 def build_layer(ctx: JobContext, task: LayerTask, action: str, inputs: LayerInputs) -> LayerResult:
     """Merge one layer (average) or split it into dense + sparse experts (route); write it."""
     start = time.perf_counter()
@@ -202,7 +153,7 @@ def build_layer(ctx: JobContext, task: LayerTask, action: str, inputs: LayerInpu
     tensors = inputs.tensors(task, device)
     base = tensors[BASE]
     out_dtype = dtype_from_name(ctx.dtype)
-    out_store = _store(ctx.output, ctx.storage)
+    out_store = cached_store(ctx.output, ctx.storage)
     writer = CheckpointWriter(out_store)
     metadata = {"layer": task.layer.name, "action": action}
 
@@ -281,13 +232,3 @@ def build_layer(ctx: JobContext, task: LayerTask, action: str, inputs: LayerInpu
         },
         seconds=time.perf_counter() - start,
     )
-
-
-def task_refs(
-    layer: LayerGroup, catalogs: Mapping[str, CheckpointCatalog]
-) -> dict[str, tuple[TensorRef, ...]]:
-    """The layer's tensor refs in each checkpoint (same names, each checkpoint's offsets)."""
-    return {
-        name: tuple(catalog.tensors[t] for t in layer.tensor_names)
-        for name, catalog in catalogs.items()
-    }
