@@ -23,7 +23,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mediator_ray.quality.evaluate import QualityReport
+    from mediator_ray.quality.tasks import TaskSuite
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before anything imports ray
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,9 +80,9 @@ def tiny(args: argparse.Namespace) -> tuple:
 def write_sweep(
     args: argparse.Namespace,
     zoo: str,
-    reference: object,
-    inputs: tuple,
-    options_grid: tuple | None = None,
+    reference: QualityReport,
+    inputs: tuple[Path, dict[str, Path], dict[str, Path], TaskSuite],
+    options_grid: Sequence[dict[str, Any]] | None = None,
 ) -> None:
     """Run Mediator's option sweep on ``inputs`` (base, experts, calibration, suite) and write
     ``quality-<zoo>-sweep.{md,parquet}`` next to the quality table."""
