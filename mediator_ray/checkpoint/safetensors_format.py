@@ -28,40 +28,31 @@ from mediator_ray.storage.base import ByteRange, ObjectStore
 if TYPE_CHECKING:
     import torch
 
-#: Bytes per element of each accepted safetensors dtype code. Other codes (F8_*, …) are
-#: refused on purpose: merging them needs more than elementwise float arithmetic.
-ITEMSIZE: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "U16": 2,
-    "BOOL": 1,
+#: Accepted safetensors dtype codes: (torch dtype name, bytes per element). Other codes
+#: (F8_*, …) are refused on purpose: merging them needs more than elementwise float arithmetic.
+_CODES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "U16": ("uint16", 2),
+    "BOOL": ("bool", 1),
 }
+
+#: Bytes per element of each accepted code.
+ITEMSIZE: dict[str, int] = {code: size for code, (_, size) in _CODES.items()}
 
 
 @lru_cache(maxsize=1)
 def _torch_dtypes() -> dict[str, torch.dtype]:
     import torch
 
-    return {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "U16": torch.uint16,
-        "BOOL": torch.bool,
-    }
+    return {code: getattr(torch, name) for code, (name, _) in _CODES.items()}
 
 
 def __getattr__(name: str) -> Any:
