@@ -46,26 +46,7 @@ from mediator_ray.pipeline.spec import (
     cached_store,
     dense_file,
     sparse_file,
-    task_refs,
 )
-
-__all__ = [  # the spec's names are re-exported: callers that do torch work import them here
-    "BASE",
-    "PREVIOUS",
-    "SPARSE_KEY_SEPARATOR",
-    "JobContext",
-    "LayerInputs",
-    "LayerResult",
-    "LayerTask",
-    "build_layer",
-    "cached_store",
-    "dense_file",
-    "fetch_layer",
-    "score_layer",
-    "sparse_file",
-    "task_device",
-    "task_refs",
-]
 
 
 @dataclass
